@@ -1,0 +1,262 @@
+"""The ``phivlm`` command line: one subcommand per job, each with ``--help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import RunConfig, add_config_args, config_from_args
+from .registry import PhivlmError
+
+log = logging.getLogger("phivlm")
+
+
+def pretrain_defaults() -> RunConfig:
+    cfg = RunConfig()
+    cfg.train.output, cfg.data.template, cfg.tuning.lm_tuning = "runs/stage1", "plain", "frozen"
+    return cfg
+
+
+def finetune_defaults() -> RunConfig:
+    cfg = RunConfig()
+    cfg.train.output, cfg.data.template, cfg.tuning.lm_tuning = "runs/stage2", "phi", "lora"
+    cfg.train.lr, cfg.train.lm_lr = 2e-4, 2e-4
+    return cfg
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def generation_config(args):
+    from .generate import GenerationConfig
+
+    return GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_synth(args) -> int:
+    from .data.synth import synthesize
+
+    summary = synthesize(args.out, args.train, args.val, args.seed)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_features(args) -> int:
+    from .data.features import build_features
+    from .data.sources import load_samples
+    from .models.vision import VisionTower
+    from .runtime import pick_device
+
+    tower = VisionTower(args.vision, args.feature_layer)
+    names: list[str] = []
+    for path in args.data:
+        names += [s.image for s in load_samples(path, args.limit, args.seed, skip_bad=True)]
+    store, bad = build_features(tower, args.images, names, args.features, args.batch_size, args.workers,
+                                device=pick_device(args.device), precision=args.precision)
+    print(f"{len(store)} images cached in {store.folder} ({len(bad)} bad images skipped)")
+    for b in bad:
+        print(f"skipped {b['image']}: {b['reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .train.loop import train
+
+    cfg = config_from_args(args, pretrain_defaults())
+    train(cfg)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .train.checkpoint import merge_checkpoint, resolve_checkpoint
+    from .train.loop import train
+
+    init = resolve_checkpoint(args.checkpoint)
+    base = finetune_defaults()
+    base.model = RunConfig.load(init / "config.yaml").model
+    cfg = config_from_args(args, finetune_defaults(), base=base)
+    ckpt = train(cfg, init=init)
+    if args.merge:
+        merged = merge_checkpoint(ckpt, Path(cfg.train.output) / "merged")
+        print(f"merged model written to {merged}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .train.checkpoint import merge_checkpoint
+
+    print(f"merged model written to {merge_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from .infer import Assistant, caption
+
+    assistant = Assistant(args.checkpoint, args.device)
+    for path, text in zip(args.image, caption(assistant, args.image, generation_config(args))):
+        print(f"{path}: {text}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .infer import Assistant, load_image
+
+    assistant = Assistant(args.checkpoint, args.device)
+    image = load_image(args.image)
+    gen = generation_config(args)
+    turns: list[tuple[str, str]] = []
+    print(f"chatting about {args.image} (empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        turns.append(("user", assistant.first_turn(question) if not turns else question))
+        text = ""
+        print("model> ", end="", flush=True)
+        for text_so_far in assistant.stream(image, turns, gen, args.seed):
+            print(text_so_far[len(text):], end="", flush=True)
+            text = text_so_far
+        print()
+        turns.append(("assistant", text))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .data.images import image_path
+    from .infer import Assistant, load_image
+
+    assistant = Assistant(args.checkpoint, args.device)
+    rows = []
+    for i, line in enumerate(Path(args.input).read_text().splitlines()):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows.append((row, row["image"], row["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PhivlmError(f"{args.input}: line {i + 1}: expected JSON with 'image' and 'prompt'") from None
+    gen = generation_config(args)
+    with open(args.output, "w") as out:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start:start + args.batch_size]
+            images = [load_image(image_path(args.images, img) if args.images else img) for _, img, _ in chunk]
+            convs = [[("user", assistant.first_turn(p))] for _, _, p in chunk]
+            for (row, _, _), answer in zip(chunk, assistant.answer(images, convs, gen, args.seed)):
+                out.write(json.dumps({**row, "answer": answer}) + "\n")
+    print(f"{len(rows)} answers written to {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phivlm", description="Train and serve small LLaVA-style VLMs.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("synth", help="write the synthetic shapes dataset (COCO + LLaVA formats)")
+    s.add_argument("--out", default="data/synth")
+    s.add_argument("--train", type=int, default=2000, help="training images")
+    s.add_argument("--val", type=int, default=200, help="held-out images")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("features", help="encode images once with the frozen vision tower into the cache")
+    s.add_argument("--vision", default="clip-vit-b32")
+    s.add_argument("--feature-layer", type=int, default=-2)
+    s.add_argument("--data", nargs="+", required=True, help="COCO or LLaVA annotation file(s)")
+    s.add_argument("--images", required=True)
+    s.add_argument("--features", default=".cache/features")
+    s.add_argument("--limit", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="bf16")
+    s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("pretrain", help="stage 1: train the projector on image captions")
+    add_config_args(s, pretrain_defaults())
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="stage 2: instruction finetuning (LoRA, QLoRA, full)")
+    s.add_argument("--checkpoint", required=True, help="stage-1 (or earlier stage-2) checkpoint")
+    s.add_argument("--merge", action="store_true", help="also write a merged standalone model")
+    add_config_args(s, finetune_defaults())
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("merge", help="merge a LoRA/QLoRA checkpoint into a standalone one")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("caption", help="caption images with a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--image", nargs="+", required=True)
+    add_generation_args(s)
+    s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat about an image")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--image", required=True)
+    add_generation_args(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("generate", help="batch answers for a JSONL of {image, prompt}")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True)
+    s.add_argument("--images", default="", help="folder the 'image' paths are relative to")
+    s.add_argument("--batch-size", type=int, default=8)
+    add_generation_args(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("demo", help="end to end: synth data, stage 1, stage 2, held-out accuracy")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--tiny", action="store_true", help="tiny random models (seconds, for tests)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except PhivlmError as e:
+        print(f"phivlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("phivlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Typed run configuration: dataclasses, loadable from YAML, overridable by command-line flags.
+
+Each section's fields become flat flags (``--lr``, ``--batch-size``); precedence is
+defaults < ``--config file.yaml`` < flags. Every run writes the resolved config next to its outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .registry import PhivlmError
+
+
+@dataclass
+class ModelConfig:
+    vision: str = "clip-vit-b32"  # built-in name, hub id or local folder
+    feature_layer: int = -2  # hidden-state index used as image features (penultimate layer)
+    lm: str = "smollm2-135m"  # built-in name, hub id or local folder
+    projector: str = "residual"  # linear | mlp2x_gelu | residual
+    projector_depth: int = 2  # residual blocks of the residual projector
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    data: str = ""  # annotation file: COCO captions JSON or LLaVA conversations JSON
+    images: str = ""  # image folder
+    val_data: str = ""  # optional validation annotation file (same format)
+    features: str = ".cache/features"  # feature-cache root; one sub-folder per vision tower
+    limit: int = 0  # seeded random subset of images (0 = all)
+    template: str = "plain"  # plain | phi | chat
+    max_length: int = 256  # text tokens per sample (image tokens not counted)
+    skip_bad: bool = False  # skip (and log) bad samples instead of failing
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/stage1"
+    epochs: float = 1.0
+    max_steps: int = 0  # >0 overrides epochs
+    batch_size: int = 8
+    lr: float = 1e-3  # projector + separator
+    lm_lr: float = 2e-4  # LoRA adapters / LM weights
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp32 | fp16 (fp16 only on GPU)
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class TuningConfig:
+    lm_tuning: str = "frozen"  # frozen | lora | qlora | full
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = ""  # comma-separated module names; empty = per-architecture default
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+        cfg = cls()
+        for section, values in (d or {}).items():
+            if not hasattr(cfg, section) or not isinstance(values, dict):
+                raise PhivlmError(f"{source}: unknown config section {section!r}")
+            sub = getattr(cfg, section)
+            for k, v in values.items():
+                if not hasattr(sub, k):
+                    raise PhivlmError(f"{source}: unknown key {section}.{k}")
+                setattr(sub, k, _coerce(type(getattr(sub, k)), v, f"{section}.{k}"))
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            d = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise PhivlmError(f"{path}: cannot read config ({e.__class__.__name__})") from None
+        return cls.from_dict(d, str(path))
+
+
+def _coerce(typ: type, v, name: str):
+    try:
+        if typ is bool and isinstance(v, str):
+            return v.lower() in ("1", "true", "yes", "on")
+        return typ(v)
+    except (TypeError, ValueError):
+        raise PhivlmError(f"config {name}: expected {typ.__name__}, got {v!r}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """Add ``--config`` and one flag per config field (default None, so set flags are known)."""
+    parser.add_argument("--config", help="YAML file with model/data/train/tuning sections")
+    for section in dataclasses.fields(RunConfig):
+        group = parser.add_argument_group(section.name)
+        sub = getattr(defaults, section.name)
+        for f in dataclasses.fields(sub):
+            default = getattr(sub, f.name)
+            typ = typing.get_type_hints(type(sub))[f.name]
+            if typ is bool:
+                group.add_argument(_flag(f.name), dest=f"{section.name}.{f.name}", default=None,
+                                   action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+            else:
+                group.add_argument(_flag(f.name), dest=f"{section.name}.{f.name}", default=None, type=typ,
+                                   metavar=typ.__name__.upper(), help=f"(default: {default!r})")
+
+
+def config_from_args(args: argparse.Namespace, defaults: RunConfig, base: RunConfig | None = None) -> RunConfig:
+    """defaults < base (e.g. a checkpoint's config) < --config YAML < explicit flags."""
+    cfg = RunConfig.from_dict((base or defaults).to_dict())
+    if getattr(args, "config", None):
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        cfg = RunConfig.from_dict(_merge(cfg.to_dict(), loaded), args.config)
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,53 @@
+"""Opening image files safely: inside the image folder, decoded fully, converted to RGB, size-limited."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from ..registry import PhivlmError
+
+MAX_PIXELS = 64_000_000  # larger images are refused (decompression-bomb guard)
+MIN_SIDE = 2
+
+
+class BadImage(PhivlmError):
+    pass
+
+
+def image_path(image_dir: str | Path, name: str) -> Path:
+    """Join ``name`` to the image folder, refusing paths that escape it."""
+    root = Path(image_dir).resolve()
+    p = (root / name).resolve()
+    if root != p and root not in p.parents:
+        raise BadImage(f"{name}: image path escapes the image folder {root}")
+    return p
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode an image completely and return it as 8-bit RGB (grayscale, RGBA, CMYK, 16-bit, palette)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadImage(f"{p}: image file not found")
+    try:
+        with Image.open(p) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise BadImage(f"{p}: image too large ({im.width}x{im.height} > {MAX_PIXELS} pixels)")
+            im.load()
+            if min(im.size) < MIN_SIDE:
+                raise BadImage(f"{p}: image too small ({im.width}x{im.height})")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale -> 8-bit
+                im = im.point(lambda v: v / 256).convert("L")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                bg = Image.new("RGB", im.size, (255, 255, 255))
+                rgba = im.convert("RGBA")
+                bg.paste(rgba, mask=rgba.getchannel("A"))
+                return bg
+            return im.convert("RGB")
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage(f"{p}: image too large (decompression bomb guard)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"{p}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

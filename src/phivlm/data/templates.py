@@ -1,0 +1,168 @@
+"""Conversation templates: turn a conversation into token ids with the image slots and labels.
+
+A conversation is a list of ``(role, text)`` pairs, ``role`` in {"user", "assistant"}, alternating,
+starting with the user; the first user text holds ``<image>``. Labels cover every assistant answer
+and the EOS that closes it, nothing else. Text segments are tokenized one by one, so the prompt a
+model sees at inference tokenizes exactly as in training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from ..models.vlm import IGNORE, IMAGE_ID, SEP_ID
+from ..registry import PhivlmError, Registry
+
+IMAGE_TOKEN = "<image>"
+PHI_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+Turns = list[tuple[str, str]]
+Segment = tuple[Union[str, list[int]], bool]  # (text or token ids, labelled)
+
+
+class TemplateError(PhivlmError):
+    """The template and tokenizer do not fit this sample (e.g. nothing would be labelled)."""
+
+
+class Template:
+    name = ""
+
+    def segments(self, turns: Turns, tok, generation: bool) -> list[Segment]:
+        """Segments for ``turns``; with ``generation`` the last turn is a user turn to be answered."""
+        raise NotImplementedError
+
+
+TEMPLATES: Registry[type[Template]] = Registry("template")
+
+
+def _pairs(turns: Turns, generation: bool):
+    """Yield (user, answer-or-None) pairs; validates alternation."""
+    for i, (role, _) in enumerate(turns):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise TemplateError(f"turn {i + 1} is {role!r}: turns must alternate user/assistant from the user")
+    if generation != (len(turns) % 2 == 1):
+        raise TemplateError("a prompt must end with a user turn; a training sample with an assistant turn")
+    for i in range(0, len(turns), 2):
+        yield turns[i][1], (turns[i + 1][1] if i + 1 < len(turns) else None)
+
+
+@TEMPLATES.register("plain")
+class Plain(Template):
+    """Stage 1: ``<image>`` then the caption and EOS (any question text goes before the answer)."""
+
+    name = "plain"
+
+    def segments(self, turns, tok, generation):
+        out: list[Segment] = [(IMAGE_TOKEN, False)]
+        for user, answer in _pairs(turns, generation):
+            q = user.replace(IMAGE_TOKEN, "").strip()
+            if q:
+                out.append((q + "\n", False))
+            if answer is not None:
+                out += [(answer, True), ([tok.eos_token_id], True)]
+        return out
+
+
+@TEMPLATES.register("phi")
+class Phi(Template):
+    """The Phi-2 chat template of LLaVA-Phi / TinyLLaVA / Bunny; EOS is the tokenizer's own."""
+
+    name = "phi"
+
+    def segments(self, turns, tok, generation):
+        out: list[Segment] = []
+        for i, (user, answer) in enumerate(_pairs(turns, generation)):
+            prefix = PHI_SYSTEM + " " if i == 0 else ""
+            out.append((f"{prefix}USER: {user} ASSISTANT:", False))
+            if answer is not None:
+                out += [(" " + answer, True), ([tok.eos_token_id], True)]
+        return out
+
+
+@TEMPLATES.register("chat")
+class Chat(Template):
+    """The tokenizer's own chat template; assistant spans found by rendering growing prefixes."""
+
+    name = "chat"
+
+    def segments(self, turns, tok, generation):
+        if not getattr(tok, "chat_template", None):
+            raise TemplateError("tokenizer has no chat template; use --template phi or plain")
+        msgs = [{"role": r, "content": t} for r, t in turns]
+        render = lambda m, gen: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        out: list[Segment] = []
+        done = ""
+        for i in range(1, len(msgs) + 1, 2):
+            prompt = render(msgs[:i], True)
+            if not prompt.startswith(done):
+                raise TemplateError("chat template renders a conversation prefix differently; cannot find turns")
+            out.append((prompt[len(done):], False))
+            done = prompt
+            if i == len(msgs):
+                break
+            full = render(msgs[: i + 1], False)
+            answer = msgs[i]["content"]
+            span = full[len(done):]
+            if not full.startswith(done) or not span.startswith(answer):
+                raise TemplateError("chat template does not put the assistant answer right after its prompt")
+            rest = span[len(answer):]
+            if not rest.startswith(tok.eos_token):
+                raise TemplateError(f"chat template does not close assistant turns with EOS {tok.eos_token!r}")
+            out += [(answer, True), ([tok.eos_token_id], True), (rest[len(tok.eos_token):], False)]
+            done = full
+        return out
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    turns_kept: int  # user/assistant pairs kept after truncation
+
+
+def tokenize_segments(segments: list[Segment], tok, num_image_tokens: int) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    n_images = 0
+    for content, labelled in segments:
+        if isinstance(content, str):
+            parts = content.split(IMAGE_TOKEN)
+            piece: list[int] = []
+            for j, part in enumerate(parts):
+                if j:
+                    piece += [IMAGE_ID] * num_image_tokens + [SEP_ID]
+                    n_images += 1
+                if part:
+                    piece += tok(part, add_special_tokens=False)["input_ids"]
+        else:
+            piece = list(content)
+        ids += piece
+        labels += piece if labelled else [IGNORE] * len(piece)
+    if n_images != 1:
+        raise TemplateError(f"conversation has {n_images} {IMAGE_TOKEN} tokens; exactly one is needed")
+    return ids, labels
+
+
+def encode(template: Template, tok, turns: Turns, num_image_tokens: int, max_length: int = 0) -> Encoded:
+    """Tokenize a training conversation; too long -> drop whole later turns (the image is never cut)."""
+    n_pairs = len(turns) // 2
+    for keep in range(n_pairs, 0, -1):
+        ids, labels = tokenize_segments(template.segments(turns[: 2 * keep], tok, False), tok, num_image_tokens)
+        if not max_length or len(ids) <= max_length or keep == 1:
+            break
+    if max_length and len(ids) > max_length:  # one turn alone is too long: cut its answer's tail
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE for x in labels[1:]):
+        raise TemplateError(f"no labelled token after tokenization (template {template.name!r}, "
+                            f"max_length {max_length}): template/tokenizer mismatch or sample too long")
+    return Encoded(ids, labels, keep)
+
+
+def encode_prompt(template: Template, tok, turns: Turns, num_image_tokens: int) -> list[int]:
+    """Token ids of a prompt ending with a user turn, ready for generation."""
+    ids, _ = tokenize_segments(template.segments(turns, tok, True), tok, num_image_tokens)
+    return ids
+
+
+def get_template(name: str) -> Template:
+    return TEMPLATES.get(name)()

@@ -1,0 +1,106 @@
+"""Inference on a loaded checkpoint: encode images, build prompts with the run's template, generate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from .data.images import open_rgb
+from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template
+from .generate import GenerationConfig, generate
+from .runtime import autocast, pick_device
+from .train.checkpoint import Loaded, load_checkpoint
+
+CAPTION_PROMPT = "Describe the image briefly."
+
+
+class Assistant:
+    """A checkpoint ready to answer: ``answer`` for batches, ``stream`` for one chat turn."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str | None = None):
+        self.device = pick_device(device)
+        self.loaded: Loaded = load_checkpoint(checkpoint, self.device)
+        self.cfg = self.loaded.cfg
+        self.precision = precision or self.cfg.train.precision
+        self.template = get_template(self.cfg.data.template)
+        tok = self.loaded.tok
+        self.eos_ids = {tok.eos_token_id}
+
+    @property
+    def tok(self):
+        return self.loaded.tok
+
+    @torch.no_grad()
+    def features(self, images: list[Image.Image]) -> torch.Tensor:
+        tower = self.loaded.tower
+        with autocast(self.device, self.precision):
+            return tower(tower.preprocess(images).to(self.device)).float()
+
+    def first_turn(self, question: str) -> str:
+        if self.template.name == "plain" and not question:
+            return IMAGE_TOKEN
+        return f"{IMAGE_TOKEN}\n{question or CAPTION_PROMPT}"
+
+    def _batch(self, conversations: list[Turns]):
+        prompts = [encode_prompt(self.template, self.tok, turns, self.loaded.tower.num_patches)
+                   for turns in conversations]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding, so every row continues at the last column
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def answer(self, images: list[Image.Image], conversations: list[Turns], gen: GenerationConfig,
+               seed: int = 0) -> list[str]:
+        """Answer the last user turn of each conversation (its first user turn holds ``<image>``)."""
+        ids, mask = self._batch(conversations)
+        feats = self.features(images)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        with autocast(self.device, self.precision):
+            out = generate(self.loaded.vlm, ids, mask, feats, self.eos_ids, gen, generator=g)
+        return [self.tok.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    def stream(self, image: Image.Image, turns: Turns, gen: GenerationConfig, seed: int = 0) -> Iterator[str]:
+        """Yield the growing answer text token by token (for chat and the web demo)."""
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue()
+        tokens: list[int] = []
+        errors: list[BaseException] = []
+
+        def on_tokens(t: torch.Tensor):
+            if int(t[0]) >= 0:
+                tokens.append(int(t[0]))
+                q.put(self.tok.decode(tokens, skip_special_tokens=True))
+
+        def work():
+            try:
+                ids, mask = self._batch([turns])
+                g = torch.Generator(device=self.device).manual_seed(seed)
+                with autocast(self.device, self.precision):
+                    generate(self.loaded.vlm, ids, mask, self.features([image]), self.eos_ids, gen, on_tokens, g)
+            except BaseException as e:  # re-raised in the caller's thread
+                errors.append(e)
+            finally:
+                q.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (text := q.get()) is not None:
+            yield text.strip()
+        if errors:
+            raise errors[0]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    return open_rgb(path)
+
+
+def caption(assistant: Assistant, images: list[str], gen: GenerationConfig) -> list[str]:
+    return assistant.answer([load_image(p) for p in images], [[("user", assistant.first_turn(""))]] * len(images),
+                            gen)
+

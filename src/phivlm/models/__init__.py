@@ -1,0 +1,1 @@
+"""Model parts: frozen vision tower, projector registry, language model loading, the multimodal model."""

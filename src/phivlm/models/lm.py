@@ -1,0 +1,40 @@
+"""Language-model loading through ``AutoModelForCausalLM``: a hub id, a local folder or a built-in name."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..registry import PhivlmError
+from . import builtin
+
+# LoRA target modules per architecture (model_type); others fall back to every linear layer.
+LORA_TARGETS = {
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    path = builtin.resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise PhivlmError(f"{name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.eos_token_id is None:
+        raise PhivlmError(f"{name}: tokenizer has no EOS token; the model could never learn to stop")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # only fills padding; padding is masked and never a label
+    return tok
+
+
+def load_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+            quantization_config=None, device_map=None) -> PreTrainedModel:
+    path = builtin.resolve(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config, device_map=device_map)
+    except OSError as e:
+        raise PhivlmError(f"{name}: cannot load language model ({str(e).splitlines()[0]})") from None

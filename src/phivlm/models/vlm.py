@@ -1,0 +1,94 @@
+"""The multimodal model: projected image features + learned separator spliced into the LM input.
+
+Token ids use two negative sentinels: ``IMAGE_ID`` marks the slots of the image embeddings (one
+per patch) and ``SEP_ID`` the image-separator embedding. They are replaced with one
+``masked_scatter`` / ``where`` over the padded batch: no per-sample Python loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .projector import build_projector
+
+IMAGE_ID = -1
+SEP_ID = -2
+IGNORE = -100
+
+
+class PhiVLM(nn.Module):
+    def __init__(self, lm: nn.Module, d_vision: int, num_image_tokens: int, projector: str = "residual",
+                 projector_depth: int = 2):
+        super().__init__()
+        self.lm = lm
+        d_lm = lm.get_input_embeddings().embedding_dim
+        self.num_image_tokens = num_image_tokens
+        self.projector = build_projector(projector, d_vision, d_lm, projector_depth)
+        std = lm.get_input_embeddings().weight.detach().float().std().item()
+        self.separator = nn.Parameter(torch.randn(d_lm) * std)
+
+    # -- parts -------------------------------------------------------------------------------
+    @property
+    def base_lm(self) -> nn.Module:
+        """The underlying ``*ForCausalLM`` (inside a PEFT wrapper if there is one)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Projector and separator weights (always saved with a checkpoint)."""
+        sd = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        sd["separator"] = self.separator.data
+        return sd
+
+    # -- inputs --------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids with sentinels + (B, P, d_vision) features -> (B, T, d_lm) input embeddings."""
+        emb = self.base_lm.get_input_embeddings()
+        text = emb(input_ids.clamp(min=0))
+        img_mask = input_ids == IMAGE_ID
+        n_slots, n_feats = int(img_mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(f"batch has {n_slots} image slots but {n_feats} image feature vectors")
+        img = self.projector(image_features.to(self.projector_dtype)).to(text.dtype)
+        embeds = text.masked_scatter(img_mask.unsqueeze(-1), img.reshape(-1, img.shape[-1]))
+        return torch.where((input_ids == SEP_ID).unsqueeze(-1), self.separator.to(text.dtype), embeds)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions that skip left padding (right padding gives 0..T-1)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # -- training ------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, image_features, labels) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled tokens; logits only where there is a label."""
+        embeds = self.embed(input_ids, image_features)
+        base = self.base_lm
+        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    position_ids=self.position_ids(attention_mask), use_cache=False)[0]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    # -- inference -----------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, image_features):
+        """Run the prompt once; returns (last-position logits, KV cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.base_lm(inputs_embeds=self.embed(input_ids, image_features), attention_mask=attention_mask,
+                           position_ids=self.position_ids(attention_mask), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
+        """Feed one token per row (B,) with the KV cache; returns (logits, cache)."""
+        emb = self.base_lm.get_input_embeddings()(tokens.unsqueeze(1))
+        pos = self.position_ids(attention_mask)[:, -1:]
+        out = self.base_lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values

@@ -1,0 +1,1 @@
+"""Training: LM tuning modes, checkpoints, the training loop shared by both stages."""

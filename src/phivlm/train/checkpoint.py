@@ -1,0 +1,146 @@
+"""Checkpoints: assemble a model from a config (+ a checkpoint), save atomically, load, merge.
+
+A checkpoint folder holds ``config.yaml`` (the resolved run config), ``projector.safetensors``
+(projector + separator), and ``adapter/`` (PEFT LoRA) or ``lm/`` (full or merged LM weights and
+tokenizer). A run writes its final checkpoint to ``<output>/checkpoint``; commands taking
+``--checkpoint`` accept either folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import RunConfig
+from ..models.lm import load_lm, load_tokenizer
+from ..models.vision import VisionTower
+from ..models.vlm import PhiVLM
+from ..registry import PhivlmError
+from .tuning import apply_tuning, check_mode, quantization_config
+
+log = logging.getLogger(__name__)
+PROJECTOR_FILE = "projector.safetensors"
+
+
+@dataclass
+class Loaded:
+    vlm: PhiVLM
+    tok: object
+    tower: VisionTower
+    cfg: RunConfig
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    for cand in (p, p / "checkpoint"):
+        if (cand / PROJECTOR_FILE).is_file() and (cand / "config.yaml").is_file():
+            return cand
+    if not p.exists():
+        raise PhivlmError(f"{p}: checkpoint folder not found")
+    raise PhivlmError(f"{p}: not a checkpoint (needs {PROJECTOR_FILE} and config.yaml)")
+
+
+def build_vlm(cfg: RunConfig, d_vision: int, n_patches: int, device: torch.device,
+              init: Path | None = None, trainable: bool = True, quantize: bool = True):
+    """The model described by ``cfg``; weights from checkpoint ``init`` where it has them."""
+    check_mode(cfg.tuning.lm_tuning)
+    lm_source = str(init / "lm") if init is not None and (init / "lm").is_dir() else cfg.model.lm
+    tok = load_tokenizer(lm_source, cfg.model.trust_remote_code)
+    qcfg = quantization_config(cfg.tuning) if quantize else None
+    lm = load_lm(lm_source, trust_remote_code=cfg.model.trust_remote_code, quantization_config=qcfg,
+                 device_map={"": device} if qcfg is not None else None)
+    adapter = init / "adapter" if init is not None and (init / "adapter").is_dir() else None
+    if adapter is not None and cfg.tuning.lm_tuning not in ("lora", "qlora"):
+        raise PhivlmError(f"{init}: holds a LoRA adapter but --lm-tuning is {cfg.tuning.lm_tuning!r}")
+    lm = apply_tuning(lm, cfg.tuning, str(adapter) if adapter else None, trainable)
+    vlm = PhiVLM(lm, d_vision, n_patches, cfg.model.projector, cfg.model.projector_depth)
+    if init is not None:
+        load_projector(vlm, init)
+    return vlm.to(device), tok
+
+
+def load_projector(vlm: PhiVLM, ckpt: Path) -> None:
+    path = ckpt / PROJECTOR_FILE
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise PhivlmError(f"{path}: cannot read projector weights ({type(e).__name__})") from None
+    own = vlm.trainable_state_dict()
+    if set(sd) != set(own):
+        raise PhivlmError(f"{path}: projector tensors do not match the configured projector "
+                          f"({sorted(set(sd) ^ set(own))[:3]} ...)")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise PhivlmError(f"{path}: tensor {k} has shape {tuple(v.shape)} but the model needs "
+                              f"{tuple(own[k].shape)}: checkpoint from another LM/vision tower? "
+                              f"(LM hidden size here: {vlm.separator.numel()}, in checkpoint: {sd['separator'].numel()})")
+    with torch.no_grad():
+        vlm.separator.copy_(sd.pop("separator"))
+        vlm.projector.load_state_dict({k.removeprefix("projector."): v for k, v in sd.items()})
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: dict | None = None) -> Path:
+    """Write a checkpoint atomically: into a temporary folder, fsync, then rename into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        cfg.save(tmp / "config.yaml")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in vlm.trainable_state_dict().items()},
+                  str(tmp / PROJECTOR_FILE))
+        if cfg.tuning.lm_tuning in ("lora", "qlora"):
+            vlm.lm.save_pretrained(tmp / "adapter")
+        elif cfg.tuning.lm_tuning == "full":
+            vlm.base_lm.save_pretrained(tmp / "lm")
+            tok.save_pretrained(tmp / "lm")
+        (tmp / "state.json").write_text(json.dumps(state or {}, indent=1))
+        _fsync_tree(tmp)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", trainable: bool = False) -> Loaded:
+    """Everything needed for inference from a checkpoint folder, in a fresh process."""
+    ckpt = resolve_checkpoint(path)
+    cfg = RunConfig.load(ckpt / "config.yaml")
+    device = torch.device(device)
+    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer).to(device)
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init=ckpt, trainable=trainable)
+    vlm.train(trainable)
+    return Loaded(vlm, tok, tower, cfg)
+
+
+def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Merge a LoRA/QLoRA checkpoint into a standalone full checkpoint (LM weights in ``lm/``)."""
+    ckpt = resolve_checkpoint(path)
+    cfg = RunConfig.load(ckpt / "config.yaml")
+    if cfg.tuning.lm_tuning not in ("lora", "qlora"):
+        raise PhivlmError(f"{ckpt}: nothing to merge (lm_tuning is {cfg.tuning.lm_tuning!r})")
+    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
+    # QLoRA adapters merge into the unquantised base weights.
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"), init=ckpt,
+                         trainable=False, quantize=False)
+    vlm.lm = vlm.lm.merge_and_unload()
+    cfg.tuning.lm_tuning = "full"
+    return save_checkpoint(vlm, cfg, tok, out, {"merged_from": str(ckpt)})

@@ -1,0 +1,76 @@
+"""How the language model is adapted: frozen, LoRA, QLoRA (NF4 4-bit base) or full tuning.
+
+Freezing and adapters are applied here, outside the model classes (as TinyLLaVA Factory does).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..config import TuningConfig
+from ..models.lm import LORA_TARGETS
+from ..registry import PhivlmError
+
+log = logging.getLogger(__name__)
+MODES = ("frozen", "lora", "qlora", "full")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise PhivlmError(f"unknown --lm-tuning {mode!r}; valid: {', '.join(MODES)}")
+
+
+def quantization_config(tuning: TuningConfig):
+    """bitsandbytes NF4 with double quantisation and bf16 compute (QLoRA), else None."""
+    if tuning.lm_tuning != "qlora":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise PhivlmError("--lm-tuning qlora needs bitsandbytes: pip install 'phivlm[qlora]'") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def lora_targets(lm: nn.Module, tuning: TuningConfig) -> list[str]:
+    if tuning.lora_targets:
+        return [t.strip() for t in tuning.lora_targets.split(",") if t.strip()]
+    return LORA_TARGETS.get(lm.config.model_type, ["all-linear"])
+
+
+def fix_bnb_cpu_repacking(lm: nn.Module) -> None:
+    """bitsandbytes on CPU repacks NF4 weights in an eval no-grad forward, after which training fails
+    ("a view of a leaf Variable..."); turning off its AVX512-bf16 path avoids the repacking."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in lm.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def apply_tuning(lm: nn.Module, tuning: TuningConfig, adapter_dir: str | None = None, trainable: bool = True):
+    """Freeze or wrap ``lm`` per ``tuning.lm_tuning``; loads an existing PEFT adapter if given."""
+    check_mode(tuning.lm_tuning)
+    if tuning.lm_tuning in ("frozen", "full"):
+        lm.requires_grad_(trainable and tuning.lm_tuning == "full")
+    else:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        lm.requires_grad_(False)
+        if tuning.lm_tuning == "qlora":
+            fix_bnb_cpu_repacking(lm)
+        if adapter_dir:
+            lm = PeftModel.from_pretrained(lm, adapter_dir, is_trainable=trainable)
+        else:
+            cfg = LoraConfig(r=tuning.lora_rank, lora_alpha=tuning.lora_alpha, lora_dropout=tuning.lora_dropout,
+                             target_modules=lora_targets(lm, tuning), task_type="CAUSAL_LM")
+            lm = get_peft_model(lm, cfg)
+    if tuning.gradient_checkpointing and trainable:
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
