@@ -21,7 +21,7 @@ def pretrain_defaults() -> RunConfig:
 
 def finetune_defaults() -> RunConfig:
     cfg = RunConfig()
-    cfg.train.output, cfg.data.template, cfg.tuning.lm_tuning = "runs/stage2", "phi", "lora"
+    cfg.train.output, cfg.data.template, cfg.tuning.lm_tuning = "runs/stage2", "auto", "lora"
     cfg.train.lr, cfg.train.lm_lr = 2e-4, 2e-4
     return cfg
 

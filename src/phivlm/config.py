@@ -33,7 +33,7 @@ class DataConfig:
     val_data: str = ""  # optional validation annotation file (same format)
     features: str = ".cache/features"  # feature-cache root; one sub-folder per vision tower
     limit: int = 0  # seeded random subset of images (0 = all)
-    template: str = "plain"  # plain | phi | chat
+    template: str = "plain"  # plain | phi | chat | auto (chat if the tokenizer has one, else phi)
     max_length: int = 256  # text tokens per sample (image tokens not counted)
     skip_bad: bool = False  # skip (and log) bad samples instead of failing
 

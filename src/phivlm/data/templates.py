@@ -164,5 +164,13 @@ def encode_prompt(template: Template, tok, turns: Turns, num_image_tokens: int) 
     return ids
 
 
+def resolve_template_name(name: str, tok) -> str:
+    """``auto``: the tokenizer's own chat template where it has one, else the Phi-2 template."""
+    if name == "auto":
+        return "chat" if getattr(tok, "chat_template", None) else "phi"
+    TEMPLATES.get(name)  # validates the name
+    return name
+
+
 def get_template(name: str) -> Template:
     return TEMPLATES.get(name)()

@@ -81,14 +81,14 @@ class PhiVLM(nn.Module):
 
         cache = DynamicCache()
         out = self.base_lm(inputs_embeds=self.embed(input_ids, image_features), attention_mask=attention_mask,
-                           position_ids=self.position_ids(attention_mask), past_key_values=cache,
+                           position_ids=self.position_ids(attention_mask), cache=cache,
                            use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), cache
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
         """Feed one token per row (B,) with the KV cache; returns (logits, cache)."""
         emb = self.base_lm.get_input_embeddings()(tokens.unsqueeze(1))
         pos = self.position_ids(attention_mask)[:, -1:]
         out = self.base_lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values
+                           cache=cache, use_cache=True)
+        return out.logits[:, -1].float(), cache

@@ -16,7 +16,7 @@ from ..config import RunConfig
 from ..data.dataset import Collator, VLMDataset
 from ..data.features import build_features
 from ..data.sources import load_samples
-from ..data.templates import get_template
+from ..data.templates import get_template, resolve_template_name
 from ..models.vision import VisionTower
 from ..models.vlm import PhiVLM
 from ..registry import PhivlmError
@@ -85,12 +85,15 @@ def evaluate_loss(vlm: PhiVLM, loader: DataLoader, device, precision: str) -> fl
 def train(cfg: RunConfig, init: Path | None = None) -> Path:
     """Train per ``cfg`` (starting from checkpoint ``init`` if given); returns the final checkpoint folder."""
     out = prepare_output(cfg.train.output)
-    cfg.save(out / "config.yaml")
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    template = get_template(cfg.data.template)
+    if cfg.data.template != "auto":
+        get_template(cfg.data.template)  # fail on a bad name before any loading
     tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init)
+    cfg.data.template = resolve_template_name(cfg.data.template, tok)
+    template = get_template(cfg.data.template)
+    cfg.save(out / "config.yaml")
     skipped: list[dict] = []
     ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped)
     val = load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped) if cfg.data.val_data else None
