@@ -54,6 +54,13 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     workers: int = 0  # DataLoader worker processes
+    objective: str = "standard"  # standard | autoregressive | mixed (see README, "Training objectives")
+    tf_schedule: str = "exponential"  # teacher-forcing rate over steps: constant | linear | exponential
+    tf_start: float = 1.0  # teacher-forcing rate at step 0 (1 = always feed the ground-truth token)
+    tf_end: float = 0.5  # floor the rate decays to
+    tf_decay_steps: int = 0  # linear reaches tf_end here; exponential is 99% of the way (0 = the whole run)
+    feedback: str = "greedy"  # model token fed back when not teacher-forcing: greedy | sample
+    mixed_standard_fraction: float = 0.5  # mixed: share of steps using the standard objective
 
 
 @dataclass

@@ -114,7 +114,8 @@ def build_features(tower: VisionTower, image_dir: str | Path, names: list[str], 
     tower.to(device)
     loader = DataLoader(_Images(image_dir, todo, tower.processor), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate)
-    shard_id = len(list(folder.glob("shard_*.json")))
+    # after the highest complete shard (a count would overwrite a kept shard once any other is lost)
+    shard_id = max((int(p.stem.split("_")[1]) for p in folder.glob("shard_*.json")), default=-1) + 1
     buf_names: list[str] = []
     buf: list[np.ndarray] = []
 

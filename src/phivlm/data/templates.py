@@ -144,14 +144,18 @@ def tokenize_segments(segments: list[Segment], tok, num_image_tokens: int) -> tu
 
 
 def encode(template: Template, tok, turns: Turns, num_image_tokens: int, max_length: int = 0) -> Encoded:
-    """Tokenize a training conversation; too long -> drop whole later turns (the image is never cut)."""
+    """Tokenize a training conversation; too long -> drop whole later turns (the image is never cut).
+
+    ``max_length`` counts text tokens: the image slots and separator come on top of it.
+    """
     n_pairs = len(turns) // 2
+    limit = max_length + num_image_tokens + 1 if max_length else 0
     for keep in range(n_pairs, 0, -1):
         ids, labels = tokenize_segments(template.segments(turns[: 2 * keep], tok, False), tok, num_image_tokens)
-        if not max_length or len(ids) <= max_length or keep == 1:
+        if not limit or len(ids) <= limit or keep == 1:
             break
-    if max_length and len(ids) > max_length:  # one turn alone is too long: cut its answer's tail
-        ids, labels = ids[:max_length], labels[:max_length]
+    if limit and len(ids) > limit:  # one turn alone is too long: cut its answer's tail
+        ids, labels = ids[:limit], labels[:limit]
     if all(x == IGNORE for x in labels[1:]):
         raise TemplateError(f"no labelled token after tokenization (template {template.name!r}, "
                             f"max_length {max_length}): template/tokenizer mismatch or sample too long")

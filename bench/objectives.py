@@ -1,0 +1,105 @@
+"""Step time (forward + backward) of the autoregressive objective over the standard one.
+
+    python bench/objectives.py            # demo models: 49 random CLIP-B/32-sized features + SmolLM2-135M
+    python bench/objectives.py --quick    # tiny models, a smoke run
+
+Batch 8, 32 target tokens per row, prompts of different lengths, bf16 autocast (as training runs on
+CPU). Standard and autoregressive steps alternate, so a load change on a shared machine hits both;
+the table shows medians after warm-up. For reference, the naive loop that re-runs the whole prefix
+for every target token (what the KV cache avoids) is timed for a few steps.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from phivlm.config import TuningConfig
+from phivlm.models.lm import load_lm
+from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID, PhiVLM
+from phivlm.train.objectives import _repack, autoregressive_loss
+from phivlm.train.tuning import apply_tuning
+
+
+def make_batch(vocab: int, batch: int, n_patches: int, d_vision: int, targets: int, prompt: tuple[int, int]):
+    """A right-padded batch like the Collator's: [image][sep][prompt text][targets], prompts of varied length."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(prompt[0], prompt[1] + 1, (batch,), generator=g).tolist()
+    width = n_patches + 1 + max(lens) + targets
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for r, n in enumerate(lens):
+        text = torch.randint(10, vocab, (n + targets,), generator=g)
+        row = torch.cat([torch.full((n_patches,), IMAGE_ID), torch.tensor([SEP_ID]), text])
+        ids[r, : len(row)] = row
+        labels[r, len(row) - targets : len(row)] = text[n:]
+        mask[r, : len(row)] = 1
+    feats = torch.randn(batch, n_patches, d_vision, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "image_features": feats}
+
+
+def naive_loss(vlm: PhiVLM, batch: dict) -> torch.Tensor:
+    """The reference implementation's loop: a full forward over prompt + targets so far, per target token."""
+    prompt, pmask, _, cont, cont_labels, _ = _repack(batch)
+    total = 0.0
+    for j in range(cont.shape[1]):
+        ids = torch.cat([prompt, cont[:, :j]], 1)
+        mask = torch.cat([pmask, torch.ones_like(cont[:, :j])], 1)
+        hidden = vlm.base_lm.get_decoder()(inputs_embeds=vlm.embed(ids, batch["image_features"]), attention_mask=mask,
+                                           position_ids=vlm.position_ids(mask), use_cache=False)[0][:, -1]
+        total = total + F.cross_entropy(vlm.base_lm.get_output_embeddings()(hidden).float(), cont_labels[:, j],
+                                        ignore_index=IGNORE, reduction="sum")
+    return total / (cont_labels != IGNORE).sum()
+
+
+def timed(fn, vlm: PhiVLM, batch: dict) -> float:
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fn(vlm, batch)
+    loss.backward()
+    vlm.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models (smoke run)")
+    ap.add_argument("--lm", default=None, help="LM (default smollm2-135m; tiny-llama with --quick)")
+    ap.add_argument("--tuning", default="frozen,lora", help="comma-separated LM tuning modes to time")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--targets", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per objective (default 7; 3 with --quick)")
+    ap.add_argument("--naive-steps", type=int, default=2)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lm_name = args.lm or ("tiny-llama" if args.quick else "smollm2-135m")
+    n_patches, d_vision = (4, 32) if args.quick else (49, 768)
+    steps = args.steps or (3 if args.quick else 7)
+    print(f"LM {lm_name}, {n_patches} x {d_vision} random image features, batch {args.batch}, "
+          f"{args.targets} target tokens, bf16 autocast, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    print(f"{'LM tuning':<10} {'standard s':>11} {'autoregr. s':>12} {'ratio':>6} {'naive s':>8} {'naive ratio':>12}")
+    for mode in args.tuning.split(","):
+        lm = apply_tuning(load_lm(lm_name), TuningConfig(lm_tuning=mode, lora_dropout=0.0))
+        vlm = PhiVLM(lm, d_vision, n_patches).train()
+        batch = make_batch(lm.config.vocab_size, args.batch, n_patches, d_vision, args.targets, (12, 24))
+        ar = lambda v, b: autoregressive_loss(v, b, 0.5).loss  # noqa: E731
+        std = lambda v, b: v(**b)  # noqa: E731
+        timed(std, vlm, batch), timed(ar, vlm, batch)  # warm-up
+        ts, ta = [], []
+        for _ in range(steps):
+            ts.append(timed(std, vlm, batch))
+            ta.append(timed(ar, vlm, batch))
+        tn = [timed(naive_loss, vlm, batch) for _ in range(args.naive_steps)]
+        s, a = statistics.median(ts), statistics.median(ta)
+        n = statistics.median(tn) if tn else float("nan")
+        print(f"{mode:<10} {s:>11.3f} {a:>12.3f} {a / s:>5.2f}x {n:>8.2f} {n / s:>11.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""phivlm's own model type for ``transformers`` (exports whose projector Llava cannot hold, e.g. ``residual``).
+
+``register()`` teaches ``AutoConfig`` and ``AutoModelForImageTextToText`` the model type ``"phivlm"``, so
+``from_pretrained`` loads such an export without ``trust_remote_code``. ``import phivlm`` arranges for it
+to run as soon as ``transformers`` is imported (see ``phivlm/__init__.py``).
+"""
+from __future__ import annotations
+
+
+def register() -> None:
+    """Register ``PhivlmConfig`` / ``PhivlmForConditionalGeneration`` with the Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .configuration import PhivlmConfig
+    from .modeling import PhivlmForConditionalGeneration
+
+    AutoConfig.register(PhivlmConfig.model_type, PhivlmConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(PhivlmConfig, PhivlmForConditionalGeneration, exist_ok=True)
