@@ -65,6 +65,7 @@ def test_labels_are_exactly_the_answers_and_eos(tiny_tok, name, n_turns):
         assert run[-1] == tok.eos_token_id
         assert tok.eos_token_id not in run[:-1]
         assert tok.decode(run[:-1]) == lead + answer
+        assert run[:-1] == tok(lead + answer, add_special_tokens=False)["input_ids"]
     assert sum(lab == tok.eos_token_id for lab in labels) == n_turns
     # exactly one image: 49 contiguous IMAGE_ID slots then one SEP_ID, never labelled
     assert ids.count(IMAGE_ID) == P and ids.count(SEP_ID) == 1

@@ -160,6 +160,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    print(f"exported model written to {export(args.checkpoint, args.out, args.format, args.dtype)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise PhivlmError("the web demo needs gradio: pip install -e '.[serve]'")
+    from .serve import serve
+
+    serve(args.checkpoint, generation_config(args), args.host, args.port, args.share, args.concurrency,
+          args.device, args.seed)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate.run import evaluate, summary
+
+    data = [args.data] + ([args.captions] if args.captions else [])
+    report, metrics = evaluate(args.checkpoint, data, args.images, args.out, args.limit, args.batch_size,
+                               not args.no_baselines, args.device)
+    print(f"{summary(metrics)}\nreport: {report}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -230,6 +259,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     add_generation_args(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder (LoRA merged)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", default="auto", choices=["auto", "llava", "phivlm"],
+                   help="llava: LlavaForConditionalGeneration (linear / mlp2x_gelu projectors); phivlm: phivlm's "
+                        "own model class (any projector; needs `import phivlm`); auto: llava where exact")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype on disk")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="web demo (Gradio): upload an image and chat about it")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = every interface)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    s.add_argument("--concurrency", type=int, default=1, help="requests answered at once; the rest queue")
+    add_generation_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("eval", help="score a checkpoint on held-out Q&A and/or captions, with grounding baselines")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True, help="COCO captions JSON, LLaVA conversations JSON, or JSONL of "
+                                                 "{image, question, answer[, type]}")
+    s.add_argument("--images", required=True, help="image folder")
+    s.add_argument("--captions", help="also caption the images of this COCO captions file")
+    s.add_argument("--out", default="runs/eval", help="folder for metrics.json, report.md and thumbnails")
+    s.add_argument("--limit", type=int, default=0, help="first N images of each file (0 = all)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--no-baselines", action="store_true", help="skip the blind and shuffled-image baselines")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="end to end: synth data, stage 1, stage 2, held-out accuracy")
     s.add_argument("--out", default="runs/demo")

@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 | fp16 (fp16 only on GPU)
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
+    eval_every: int = 0  # validation loss on --val-data every N steps (0 = only at the end)
     workers: int = 0  # DataLoader worker processes
     objective: str = "standard"  # standard | autoregressive | mixed (see README, "Training objectives")
     tf_schedule: str = "exponential"  # teacher-forcing rate over steps: constant | linear | exponential
@@ -93,7 +94,7 @@ class RunConfig:
             for k, v in values.items():
                 if not hasattr(sub, k):
                     raise PhivlmError(f"{source}: unknown key {section}.{k}")
-                setattr(sub, k, _coerce(type(getattr(sub, k)), v, f"{section}.{k}"))
+                setattr(sub, k, _coerce(type(getattr(sub, k)), v, f"{source}: {section}.{k}"))
         return cfg
 
     def save(self, path: str | Path) -> None:
@@ -101,11 +102,17 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        try:
-            d = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise PhivlmError(f"{path}: cannot read config ({e.__class__.__name__})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(_read_yaml(path), str(path))
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PhivlmError(f"{path}: cannot read config ({e.__class__.__name__})") from None
+    if d is not None and not isinstance(d, dict):
+        raise PhivlmError(f"{path}: expected a mapping of sections (model, data, train, tuning)")
+    return d or {}
 
 
 def _coerce(typ: type, v, name: str):
@@ -114,7 +121,7 @@ def _coerce(typ: type, v, name: str):
             return v.lower() in ("1", "true", "yes", "on")
         return typ(v)
     except (TypeError, ValueError):
-        raise PhivlmError(f"config {name}: expected {typ.__name__}, got {v!r}") from None
+        raise PhivlmError(f"{name}: expected {typ.__name__}, got {v!r}") from None
 
 
 def _flag(name: str) -> str:
@@ -142,8 +149,7 @@ def config_from_args(args: argparse.Namespace, defaults: RunConfig, base: RunCon
     """defaults < base (e.g. a checkpoint's config) < --config YAML < explicit flags."""
     cfg = RunConfig.from_dict((base or defaults).to_dict())
     if getattr(args, "config", None):
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        cfg = RunConfig.from_dict(_merge(cfg.to_dict(), loaded), args.config)
+        cfg = RunConfig.from_dict(_merge(cfg.to_dict(), _read_yaml(args.config)), args.config)
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)

@@ -55,10 +55,11 @@ class Assistant:
         return ids.to(self.device), mask.to(self.device)
 
     def answer(self, images: list[Image.Image], conversations: list[Turns], gen: GenerationConfig,
-               seed: int = 0) -> list[str]:
-        """Answer the last user turn of each conversation (its first user turn holds ``<image>``)."""
+               seed: int = 0, features: torch.Tensor | None = None) -> list[str]:
+        """Answer the last user turn of each conversation (its first user turn holds ``<image>``);
+        ``features`` (B, patches, d), if given, are used instead of the images' (grounding baselines)."""
         ids, mask = self._batch(conversations)
-        feats = self.features(images)
+        feats = self.features(images) if features is None else features.to(self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
         with autocast(self.device, self.precision):
             out = generate(self.loaded.vlm, ids, mask, feats, self.eos_ids, gen, generator=g)

@@ -20,7 +20,9 @@ class VisionTower(nn.Module):
     are removed so they are never computed.
     """
 
-    def __init__(self, name: str, feature_layer: int = -2):
+    def __init__(self, name: str, feature_layer: int = -2, model: nn.Module | None = None):
+        """``name``: built-in name, hub id or folder (with the image processor); ``model``: an already
+        loaded ``CLIPVisionModel`` to use instead of loading one from ``name`` (e.g. from an export)."""
         super().__init__()
         from transformers import CLIPVisionModel
 
@@ -34,7 +36,8 @@ class VisionTower(nn.Module):
         self.random_weights = builtin.is_random_vision(name)
         if self.random_weights:
             log.warning(builtin.RANDOM_VISION_WARNING.format(name=name))
-        model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
+        if model is None:
+            model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
         self.processor = CLIPImageProcessor.from_pretrained(path)
         self.identity = self._identity(model, feature_layer)
         n_layers = model.config.num_hidden_layers

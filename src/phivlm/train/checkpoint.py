@@ -121,7 +121,11 @@ def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: di
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", trainable: bool = False) -> Loaded:
-    """Everything needed for inference from a checkpoint folder, in a fresh process."""
+    """Everything needed for inference from a checkpoint folder (or a ``phivlm export`` folder), in a fresh process."""
+    from ..export import is_export, load_export
+
+    if is_export(path):
+        return load_export(path, device)
     ckpt = resolve_checkpoint(path)
     cfg = RunConfig.load(ckpt / "config.yaml")
     device = torch.device(device)
@@ -131,16 +135,26 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", traina
     return Loaded(vlm, tok, tower, cfg)
 
 
+def load_merged(path: str | Path) -> Loaded:
+    """A checkpoint on the CPU in eval mode with its LoRA/QLoRA adapter merged into the LM (``lm_tuning``
+    becomes ``full``). QLoRA adapters merge into the unquantised base weights."""
+    ckpt = resolve_checkpoint(path)
+    cfg = RunConfig.load(ckpt / "config.yaml")
+    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"), init=ckpt,
+                         trainable=False, quantize=False)
+    if cfg.tuning.lm_tuning in ("lora", "qlora"):
+        vlm.lm = vlm.lm.merge_and_unload()
+        cfg.tuning.lm_tuning = "full"
+    vlm.eval()
+    return Loaded(vlm, tok, tower, cfg)
+
+
 def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Merge a LoRA/QLoRA checkpoint into a standalone full checkpoint (LM weights in ``lm/``)."""
     ckpt = resolve_checkpoint(path)
     cfg = RunConfig.load(ckpt / "config.yaml")
     if cfg.tuning.lm_tuning not in ("lora", "qlora"):
         raise PhivlmError(f"{ckpt}: nothing to merge (lm_tuning is {cfg.tuning.lm_tuning!r})")
-    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
-    # QLoRA adapters merge into the unquantised base weights.
-    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"), init=ckpt,
-                         trainable=False, quantize=False)
-    vlm.lm = vlm.lm.merge_and_unload()
-    cfg.tuning.lm_tuning = "full"
-    return save_checkpoint(vlm, cfg, tok, out, {"merged_from": str(ckpt)})
+    merged = load_merged(ckpt)
+    return save_checkpoint(merged.vlm, merged.cfg, merged.tok, out, {"merged_from": str(ckpt)})

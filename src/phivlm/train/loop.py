@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -112,6 +113,17 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
 
     vlm.train()
     logf = open(out / "log.jsonl", "a")
+    tb = SummaryWriter(str(out / "tb"))
+    vloader = None if val is None else DataLoader(val[0], batch_size=cfg.train.batch_size,
+                                                  collate_fn=Collator(val[1], tok.pad_token_id))
+
+    def validate() -> None:
+        vloss = evaluate_loss(vlm, vloader, device, cfg.train.precision)
+        logf.write(json.dumps({"step": step, "val_loss": vloss}) + "\n")
+        logf.flush()
+        tb.add_scalar("loss/val", vloss, step)
+        log.info("step %d: validation loss %.4f", step, vloss)
+
     step, t0, running = 0, time.time(), []
     bar = tqdm(total=steps, desc="train", unit="step")
     while step < steps:
@@ -135,16 +147,18 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                        "elapsed_s": round(time.time() - t0, 2)}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
+                tb.add_scalar("loss/train", rec["loss"], step)
+                tb.add_scalar("lr", rec["lr"], step)
                 running = []
+            if vloader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+                validate()
             if step >= steps:
                 break
     bar.close()
-    if val is not None:
-        vloader = DataLoader(val[0], batch_size=cfg.train.batch_size, collate_fn=Collator(val[1], tok.pad_token_id))
-        vloss = evaluate_loss(vlm, vloader, device, cfg.train.precision)
-        logf.write(json.dumps({"step": step, "val_loss": vloss}) + "\n")
-        log.info("validation loss %.4f", vloss)
+    if vloader is not None:
+        validate()
     logf.close()
+    tb.close()
     if skipped:
         with open(out / "skipped.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in skipped)

@@ -1,0 +1,148 @@
+"""``phivlm export``: a checkpoint -> a Hugging Face model folder that ``transformers`` loads, and back.
+
+The folder holds the model (``config.json`` + safetensors, LoRA merged), the processor (CLIP image
+processor, LM tokenizer with ``<image>`` and ``<image_sep>``, chat template), ``generation_config.json``
+(phivlm's defaults: greedy, 64 new tokens, its EOS; the image tokens suppressed), a model card
+(``README.md``) and the marker ``phivlm_export.json`` (format, token ids, the run config) by which
+phivlm's own loaders recognise an export.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import RunConfig
+from ..data.templates import resolve_template_name
+from ..models import builtin
+from ..models.lm import load_tokenizer
+from ..models.vision import VisionTower
+from ..models.vlm import PhiVLM
+from ..registry import PhivlmError
+from ..train.checkpoint import Loaded, load_merged, resolve_checkpoint
+from .card import model_card
+from .formats import FORMATS, Parts
+from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts
+
+log = logging.getLogger(__name__)
+MARKER = "phivlm_export.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def is_export(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / MARKER).is_file() and (p / "config.json").is_file()
+
+
+def pick_format(name: str, parts: Parts) -> str:
+    """``auto``: Llava where it holds the model exactly, else phivlm's own format."""
+    if name == "auto":
+        reason = FORMATS.get("llava")().unsupported(parts)
+        if reason:
+            log.info("exporting in the phivlm format: %s", reason)
+        return "phivlm" if reason else "llava"
+    reason = FORMATS.get(name)().unsupported(parts)
+    if reason:
+        raise PhivlmError(f"cannot export as {name!r}: {reason}")
+    return name
+
+
+def _generation_config(tok, img: int, sep: int):
+    """phivlm's decoding defaults (greedy, 64 new tokens, stop at the tokenizer's EOS)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, suppress_tokens=[img, sep])
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "fp32") -> Path:
+    """Write checkpoint ``checkpoint`` as a Hugging Face model folder ``out`` (atomically); returns ``out``."""
+    ckpt, out = resolve_checkpoint(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise PhivlmError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if out.exists() and any(out.iterdir()) and not is_export(out):
+        raise PhivlmError(f"{out}: exists and is not a phivlm export; refusing to overwrite it")
+    run_cfg = RunConfig.load(ckpt / "config.yaml")
+    if run_cfg.model.trust_remote_code:
+        raise PhivlmError(f"{ckpt}: the LM needs trust_remote_code; export needs an architecture built into "
+                          "transformers")
+    loaded = load_merged(ckpt)
+    cfg, vlm = loaded.cfg, loaded.vlm
+    template = resolve_template_name(cfg.data.template, loaded.tok)
+    cfg.data.template = template
+
+    from transformers import CLIPVisionModel
+
+    tok = copy.deepcopy(loaded.tok)
+    img, sep = add_image_tokens(tok)
+    tower = loaded.tower
+    processor = build_processor(tok, tower.processor, template, tower.model.config.patch_size)
+    check_prompts(processor, loaded.tok, template, tower.num_patches, tower.model.config.image_size)
+    clip = CLIPVisionModel.from_pretrained(builtin.resolve(cfg.model.vision), dtype=torch.float32)  # all layers
+    parts = Parts(lm=vlm.base_lm, clip=clip, projector=vlm.projector, separator=vlm.separator.detach(),
+                  projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
+                  feature_layer=cfg.model.feature_layer, num_image_tokens=tower.num_patches,
+                  image_token_id=img, image_sep_token_id=sep)
+    name = pick_format(fmt, parts)
+    model = FORMATS.get(name)().build(parts)
+    model.generation_config = _generation_config(tok, img, sep)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.to(DTYPES[dtype]).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        example = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}],
+            add_generation_prompt=True)
+        (tmp / "README.md").write_text(model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example))
+        meta = {"phivlm_version": __version__, "format": name, "source": str(ckpt), "dtype": dtype,
+                "lm_vocab_size": parts.lm_vocab_size, "image_token_id": img, "image_sep_token_id": sep,
+                "image_sep_token": SEP_TOKEN, "lm_chat_template": loaded.tok.chat_template, "config": cfg.to_dict()}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1))  # last: only complete exports carry it
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%s format) to %s", ckpt, name, out)
+    return out
+
+
+def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
+    """An exported folder as phivlm's own model (fp32, eval mode): what ``load_checkpoint`` returns."""
+    from transformers import AutoModelForImageTextToText
+
+    from ..hf import register
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / MARKER).read_text())
+        cfg = RunConfig.from_dict(meta["config"], str(path / MARKER))
+        fmt = FORMATS.get(meta["format"])()
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise PhivlmError(f"{path / MARKER}: unreadable export marker ({type(e).__name__})") from None
+    register()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    lm, clip, projector_state, separator = fmt.unpack(model, meta)
+    tower = VisionTower(str(path), cfg.model.feature_layer, model=clip)
+    tower.random_weights = builtin.is_random_vision(cfg.model.vision)
+    if tower.random_weights:
+        log.warning(builtin.RANDOM_VISION_WARNING.format(name=cfg.model.vision))
+    vlm = PhiVLM(lm, tower.hidden_size, tower.num_patches, cfg.model.projector, cfg.model.projector_depth)
+    with torch.no_grad():
+        vlm.projector.load_state_dict(projector_state)
+        vlm.separator.copy_(separator)
+    device = torch.device(device)
+    tok = load_tokenizer(str(path))
+    tok.chat_template = meta.get("lm_chat_template")  # phivlm's templates insert the image themselves
+    return Loaded(vlm.float().to(device).eval(), tok, tower.to(device), cfg)

@@ -1,0 +1,171 @@
+"""Export formats (a registry): phivlm's parts -> a ``transformers`` model, and back.
+
+``llava``: ``LlavaForConditionalGeneration``, the layout vLLM and SGLang serve. Its projector is always
+``linear_1 -> act -> linear_2``: ``mlp2x_gelu`` maps 1:1 (act ``gelu`` is the same exact-erf GELU); ``linear``
+becomes ``linear_1`` = the projector, act ``linear`` (identity) and ``linear_2`` = identity matrix with zero
+bias, which is exact (x*1 and x+0 are exact in floating point). The separator is the embedding row of the
+``<image_sep>`` token; the vocabulary grows to hold ``<image>`` and ``<image_sep>`` (and so does the output
+layer, tied or not: those logits are suppressed by the exported generation config).
+``phivlm``: ``PhivlmForConditionalGeneration`` (``phivlm.hf``): any projector, the LM unchanged.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..registry import PhivlmError, Registry
+
+
+@dataclass
+class Parts:
+    """A phivlm model taken apart: the (merged) causal LM, the full CLIP vision model, projector, separator."""
+
+    lm: nn.Module
+    clip: nn.Module
+    projector: nn.Module
+    separator: torch.Tensor
+    projector_name: str
+    projector_depth: int
+    feature_layer: int
+    num_image_tokens: int
+    image_token_id: int
+    image_sep_token_id: int
+
+    @property
+    def lm_vocab_size(self) -> int:
+        return self.lm.get_input_embeddings().num_embeddings
+
+
+class ExportFormat:
+    name = ""
+
+    def unsupported(self, parts: Parts) -> str | None:
+        """Why this format cannot hold ``parts`` exactly, or None."""
+        return None
+
+    def build(self, parts: Parts) -> nn.Module:
+        raise NotImplementedError
+
+    def unpack(self, model: nn.Module, meta: dict) -> tuple[nn.Module, nn.Module, dict, torch.Tensor]:
+        """An exported model (+ its export marker) -> (causal LM with its original vocabulary, CLIP model,
+        projector state, separator)."""
+        raise NotImplementedError
+
+
+FORMATS: Registry[type[ExportFormat]] = Registry("export format")
+
+
+def _embedding_key(module: nn.Module, weight: torch.Tensor) -> str:
+    return next(k for k, v in module.named_parameters(remove_duplicate=False) if v is weight)
+
+
+def _output_bias(lm: nn.Module) -> torch.Tensor | None:
+    return getattr(lm.get_output_embeddings(), "bias", None)
+
+
+@FORMATS.register("llava")
+class Llava(ExportFormat):
+    name = "llava"
+    PROJECTOR_ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}
+
+    def unsupported(self, parts):
+        if parts.projector_name not in self.PROJECTOR_ACT:
+            return f"Llava's projector is Linear-act-Linear; the {parts.projector_name!r} projector needs --format phivlm"
+        bias = _output_bias(parts.lm)
+        if bias is not None and bool(bias.detach().abs().gt(0).any()):
+            return "the LM's output layer has a bias, which LlavaForConditionalGeneration does not hold"
+        return None
+
+    def build(self, parts):
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        lm, v0 = parts.lm, parts.lm_vocab_size
+        vocab = max(v0, parts.image_token_id + 1, parts.image_sep_token_id + 1)
+        text_config = copy.deepcopy(lm.config)
+        text_config.vocab_size = vocab
+        config = LlavaConfig(vision_config=copy.deepcopy(parts.clip.config), text_config=text_config,
+                             image_token_index=parts.image_token_id, image_seq_length=parts.num_image_tokens,
+                             projector_hidden_act=self.PROJECTOR_ACT[parts.projector_name],
+                             vision_feature_layer=parts.feature_layer, vision_feature_select_strategy="default",
+                             multimodal_projector_bias=True)
+        model = LlavaForConditionalGeneration(config).float().eval()
+
+        def grow(w: torch.Tensor, separator: torch.Tensor | None) -> torch.Tensor:
+            """Rows for the new tokens: zeros, or the separator in the ``<image_sep>`` row."""
+            out = torch.cat([w.detach().float(), w.new_zeros(vocab - v0, w.shape[1]).float()])
+            if separator is not None:
+                out[parts.image_sep_token_id] = separator.detach().float()
+            return out
+
+        base = lm.base_model
+        state = base.state_dict()
+        emb_key = _embedding_key(base, lm.get_input_embeddings().weight)
+        state[emb_key] = grow(state[emb_key], parts.separator)
+        with torch.no_grad():
+            model.model.language_model.load_state_dict(state)
+            model.model.vision_tower.load_state_dict(parts.clip.state_dict())
+            proj = model.model.multi_modal_projector
+            if parts.projector_name == "linear":
+                proj.linear_1.load_state_dict(parts.projector.state_dict())
+                proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0]))
+                proj.linear_2.bias.zero_()
+            else:
+                proj.linear_1.load_state_dict(parts.projector[0].state_dict())
+                proj.linear_2.load_state_dict(parts.projector[2].state_dict())
+            if model.lm_head.weight is not model.get_input_embeddings().weight:  # untied: its own head
+                model.lm_head.weight.copy_(grow(lm.get_output_embeddings().weight, None))
+        return model
+
+    def unpack(self, model, meta):
+        from transformers import AutoModelForCausalLM
+
+        v0 = meta["lm_vocab_size"]
+        text_config = copy.deepcopy(model.config.text_config)
+        text_config.vocab_size = v0
+        lm = AutoModelForCausalLM.from_config(text_config).float().eval()
+        base = model.model.language_model
+        state = base.state_dict()
+        emb_key = _embedding_key(base, base.get_input_embeddings().weight)
+        separator = state[emb_key][meta["image_sep_token_id"]].clone()
+        state[emb_key] = state[emb_key][:v0]
+        proj = model.model.multi_modal_projector
+        if model.config.projector_hidden_act == "linear":  # linear_2 is the identity
+            proj_state = dict(proj.linear_1.state_dict())
+        else:
+            proj_state = {**{f"0.{k}": v for k, v in proj.linear_1.state_dict().items()},
+                          **{f"2.{k}": v for k, v in proj.linear_2.state_dict().items()}}
+        with torch.no_grad():
+            lm.base_model.load_state_dict(state)
+            if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
+                lm.get_output_embeddings().weight.copy_(model.lm_head.weight[:v0])
+            if (bias := _output_bias(lm)) is not None:
+                bias.zero_()  # the export required it to be zero
+        return lm, model.model.vision_tower, proj_state, separator
+
+
+@FORMATS.register("phivlm")
+class Phivlm(ExportFormat):
+    name = "phivlm"
+
+    def build(self, parts):
+        from ..hf.configuration import PhivlmConfig
+        from ..hf.modeling import PhivlmForConditionalGeneration
+
+        config = PhivlmConfig(vision_config=copy.deepcopy(parts.clip.config),
+                              text_config=copy.deepcopy(parts.lm.config), projector=parts.projector_name,
+                              projector_depth=parts.projector_depth, vision_feature_layer=parts.feature_layer,
+                              image_token_id=parts.image_token_id, image_sep_token_id=parts.image_sep_token_id,
+                              image_seq_length=parts.num_image_tokens)
+        model = PhivlmForConditionalGeneration(config).float().eval()
+        with torch.no_grad():
+            model.vision_tower.load_state_dict(parts.clip.state_dict())
+            model.projector.load_state_dict(parts.projector.state_dict())
+            model.separator.copy_(parts.separator)
+            model.language_model.load_state_dict(parts.lm.state_dict())
+        return model
+
+    def unpack(self, model, meta):
+        return model.language_model, model.vision_tower, model.projector.state_dict(), model.separator.detach()

@@ -1,0 +1,100 @@
+"""Run configuration: YAML loading, flag precedence, errors, and ``--help`` of every subcommand."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from phivlm.cli import build_parser, main, pretrain_defaults
+from phivlm.config import RunConfig, config_from_args
+from phivlm.registry import PhivlmError
+
+
+def write(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["pretrain", *argv])
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    cfg_file = write(tmp_path / "run.yaml", {"train": {"lr": 0.5, "batch_size": 3, "output": "runs/x"},
+                                            "model": {"projector": "linear"},
+                                            "data": {"skip_bad": True, "max_length": 99}})
+    cfg = config_from_args(parse("--config", cfg_file, "--lr", "0.1", "--no-skip-bad", "--epochs", "2"),
+                           pretrain_defaults())
+    assert cfg.train.lr == 0.1 and cfg.data.skip_bad is False and cfg.train.epochs == 2.0  # flags win
+    assert (cfg.train.batch_size, cfg.train.output, cfg.model.projector, cfg.data.max_length) == \
+        (3, "runs/x", "linear", 99)  # yaml beats defaults
+    defaults = pretrain_defaults()
+    assert (cfg.data.template, cfg.tuning.lm_tuning, cfg.train.seed) == \
+        (defaults.data.template, defaults.tuning.lm_tuning, defaults.train.seed)  # untouched: defaults
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.batch_size, int)
+
+
+def test_flags_without_yaml_and_no_flags(tmp_path):
+    assert config_from_args(parse(), pretrain_defaults()) == pretrain_defaults()
+    cfg = config_from_args(parse("--batch-size", "5", "--skip-bad", "--vision", "tiny-clip"), pretrain_defaults())
+    assert (cfg.train.batch_size, cfg.data.skip_bad, cfg.model.vision) == (5, True, "tiny-clip")
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = pretrain_defaults()
+    cfg.train.lr, cfg.model.lm, cfg.tuning.gradient_checkpointing = 3e-4, "tiny-phi", True
+    cfg.save(tmp_path / "config.yaml")
+    assert RunConfig.load(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("data, needle", [({"train": {"lrr": 1}}, "unknown key train.lrr"),
+                                          ({"trainer": {"lr": 1}}, "unknown config section 'trainer'"),
+                                          ({"train": {"lr": "fast"}}, "train.lr: expected float"),
+                                          ([1, 2], "expected a mapping")])
+def test_bad_yaml_names_file_and_key(tmp_path, data, needle):
+    path = write(tmp_path / "bad.yaml", data)
+    for load in (lambda: config_from_args(parse("--config", path), pretrain_defaults()),
+                 lambda: RunConfig.load(path)):
+        with pytest.raises(PhivlmError, match=needle) as e:
+            load()
+        assert "bad.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("content", [None, "train: [1\n"])  # missing file, invalid YAML
+def test_cli_reports_bad_config_without_traceback(tmp_path, capsys, content):
+    path = tmp_path / "run.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main(["pretrain", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml: cannot read config" in err and "Traceback" not in err
+    path = write(tmp_path / "bad.yaml", {"train": {"lrr": 1}})
+    assert main(["pretrain", "--config", path]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix=()):
+    """Every leaf subcommand path, e.g. ("data", "synth"), ("pretrain",)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix
+        return
+    for name, child in subs[0].choices.items():
+        yield from subcommands(child, prefix + (name,))
+
+
+COMMANDS = list(subcommands(build_parser()))
+
+
+def test_expected_subcommands_exist():
+    assert {("data", "synth"), ("features",), ("pretrain",), ("finetune",), ("merge",), ("caption",), ("chat",),
+            ("generate",), ("demo",)} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_help_works(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert f"usage: phivlm {' '.join(cmd)}" in capsys.readouterr().out
