@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from phivlm.config import TuningConfig
 from phivlm.models.lm import load_lm
 from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID, PhiVLM
-from phivlm.train.objectives import _repack, autoregressive_loss
+from phivlm.train.objectives import autoregressive_loss, split_prompt
 from phivlm.train.tuning import apply_tuning
 
 
@@ -45,7 +45,7 @@ def make_batch(vocab: int, batch: int, n_patches: int, d_vision: int, targets: i
 
 def naive_loss(vlm: PhiVLM, batch: dict) -> torch.Tensor:
     """The reference implementation's loop: a full forward over prompt + targets so far, per target token."""
-    prompt, pmask, _, cont, cont_labels, _ = _repack(batch)
+    prompt, pmask, _, cont, cont_labels, _ = split_prompt(batch)
     total = 0.0
     for j in range(cont.shape[1]):
         ids = torch.cat([prompt, cont[:, :j]], 1)

@@ -3,6 +3,7 @@ logits (<= 1e-4, fp32) and greedy answers, for every projector; Llava exports lo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -73,7 +74,7 @@ FRESH = textwrap.dedent("""
 def make_checkpoint(out: Path, lm: str, projector: str, template: str, tuning: str, tower) -> Path:
     """A checkpoint with random projector/separator (and LoRA or LM-head bias) weights: nothing is zero."""
     cfg = RunConfig()
-    cfg.model.vision, cfg.model.lm, cfg.model.projector = "tiny-clip", lm, projector
+    cfg.model.vision, cfg.model.lm, cfg.model.projector = tower.name, lm, projector
     cfg.data.template, cfg.tuning.lm_tuning = template, tuning
     torch.manual_seed(len(out.name))
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
@@ -101,7 +102,8 @@ def reference(assistant: Assistant, image) -> dict:
 
 def run_fresh(jobs: list[dict], block: bool) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", FRESH, json.dumps(jobs), "block" if block else "import"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def collect(proc: subprocess.Popen) -> dict:
@@ -110,14 +112,26 @@ def collect(proc: subprocess.Popen) -> dict:
     return json.loads(out.split("RESULTS", 1)[1])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is ~10x faster than several fighting over shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_tower):
     """Every case: checkpoint, export, phivlm's reference and the fresh-process transformers results."""
     root = tmp_path_factory.mktemp("export")
     image_path = root / "image.png"
     Image.new("RGB", (300, 200), (200, 30, 40)).save(image_path)
-    (root / "llama-linear-chat").mkdir()
-    (root / "llama-linear-chat" / "metrics.json").write_text(json.dumps({"qa": {"accuracy": 0.75}, "cider": 1.25}))
+    (root / "eval").mkdir()  # `phivlm eval --out eval` of the first case, beside its run folder
+    scores = {"image": {"exact_match": {"all": 0.5, "color": 0.75}}, "shuffled": {"exact_match": {"all": 0.25}}}
+    (root / "eval" / "metrics.json").write_text(json.dumps({
+        "checkpoint": str(root / "llama-linear-chat"), "conditions": ["image", "shuffled"],
+        "tasks": {"qa": {"source": "qa.jsonl", "n": 40, "scores": scores}}}))
     cases = {}
     for name, (lm, projector, template, tuning, fmt) in CASES.items():
         ckpt = make_checkpoint(root / name, lm, projector, template, tuning, tiny_tower)
@@ -198,7 +212,8 @@ def test_model_card(exported):
     card = (cases["llama-linear-chat"]["dir"] / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "RANDOM weights" in card
     assert "`tiny-llama`" in card and "`linear`" in card and "identity" in card and "LlavaForConditionalGeneration" in card
-    assert "| qa.accuracy | 0.75 |" in card and "| cider | 1.25 |" in card
+    assert "| metric | image | shuffled |" in card and "| exact_match.all | 0.5 | 0.25 |" in card
+    assert "| exact_match.color | 0.75 |  |" in card
     assert "<image><image_sep>" in card
     card = (cases["llama-residual-plain"]["dir"] / "README.md").read_text()
     assert "import phivlm" in card and "No `phivlm eval` metrics" in card and "stage 1" in card

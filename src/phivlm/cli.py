@@ -86,6 +86,10 @@ def cmd_finetune(args) -> int:
     base = finetune_defaults()
     base.model = RunConfig.load(init / "config.yaml").model
     cfg = config_from_args(args, finetune_defaults(), base=base)
+    for key in ("vision", "lm"):
+        if getattr(cfg.model, key) != getattr(base.model, key):
+            log.warning("%s was trained with --%s %s, this run uses %s: its projector fits the models it was "
+                        "trained with", init, key, getattr(base.model, key), getattr(cfg.model, key))
     ckpt = train(cfg, init=init)
     if args.merge:
         merged = merge_checkpoint(ckpt, Path(cfg.train.output) / "merged")
@@ -163,7 +167,8 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(f"exported model written to {export(args.checkpoint, args.out, args.format, args.dtype)}")
+    out = export(args.checkpoint, args.out, args.format, args.dtype, args.metrics)
+    print(f"exported model written to {out}")
     return 0
 
 
@@ -267,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llava: LlavaForConditionalGeneration (linear / mlp2x_gelu projectors); phivlm: phivlm's "
                         "own model class (any projector; needs `import phivlm`); auto: llava where exact")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype on disk")
+    s.add_argument("--metrics", help="phivlm eval's metrics.json for the model card (default: the checkpoint's "
+                                     "run folder, or an eval folder beside it that names this checkpoint)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="web demo (Gradio): upload an image and chat about it")
@@ -316,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("phivlm: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # unexpected system errors (e.g. disk full): one line; -v shows the traceback
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"phivlm: error: {where}{e.strerror or e} (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``phivlm demo``: synthetic data -> features -> stage 1 -> stage 2 -> held-out accuracy vs shuffled images."""
+"""``phivlm demo``: synthetic data -> features -> stage 1 -> stage 2 -> ``phivlm eval`` on held-out questions
+(with the blind and shuffled-image baselines) -> report."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data.synth import synthesize
-from .infer import Assistant
-from .qa import accuracy, answer_rows, read_qa, shuffled_images
+from .evaluate.run import evaluate
 from .train.loop import train
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunCon
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size, s1.train.lr = str(out / "stage1"), s1_steps, batch, 1e-3
     s2 = RunConfig.from_dict(s1.to_dict())
-    s2.data.data, s2.data.template = data["instruct_train"], "auto"
+    s2.data.data, s2.data.template, s2.data.val_data = data["instruct_train"], "auto", data["instruct_val"]
+    s2.train.eval_every = max(1, s2_steps // 6)
     s2.tuning.lm_tuning = "lora"
     s2.train.output, s2.train.max_steps, s2.train.lr, s2.train.lm_lr = str(out / "stage2"), s2_steps, s2_lr, s2_lr
     if preset == "tiny":
@@ -45,21 +46,18 @@ def run_demo(args) -> int:
     s1, s2 = stage_configs(out, data, preset)
     ckpt1 = train(s1)
     ckpt2 = train(s2, init=ckpt1)
-    assistant = Assistant(ckpt2, s2.train.device)
-    rows = [r for r in read_qa(data["qa_val"]) if r["type"] != "position"] if preset == "default" else read_qa(
-        data["qa_val"])
-    preds = answer_rows(assistant, rows, data["images"], desc="held-out")
-    shuffled = answer_rows(assistant, rows, data["images"], images=shuffled_images(rows), desc="shuffled")
-    acc, acc_shuf = accuracy(rows, preds), accuracy(rows, shuffled)
-    print("\nHeld-out questions (expected -> model):")
-    for r, p in list(zip(rows, preds))[:8]:
-        print(f"  {r['image']}  {r['question']:<40} {r['answer']:>8} -> {p}")
-    print(f"\n{'type':<10} {'accuracy':>9} {'shuffled images':>16}")
-    for k in acc:
-        print(f"{k:<10} {acc[k]:>9.1%} {acc_shuf[k]:>16.1%}")
-    result = {"accuracy": acc, "shuffled_accuracy": acc_shuf, "n_questions": len(rows),
-              "seconds": round(time.time() - t0, 1), "checkpoint": str(ckpt2)}
+    report, metrics = evaluate(ckpt2, [data["qa_val"]], data["images"], out / "eval", device=s2.train.device)
+    qa = metrics["tasks"]["qa"]
+    acc = {c: s["vqa_accuracy"] for c, s in qa["scores"].items()}
+    print(f"\nHeld-out questions ({qa['n']}), VQAv2 accuracy; baselines: image features zeroed (blind) or "
+          f"another image's (shuffled):")
+    print(f"{'type':<10}" + "".join(f"{c:>10}" for c in acc))
+    for k in acc["model"]:
+        print(f"{k:<10}" + "".join(f"{acc[c][k]:>10.1%}" for c in acc))
+    result = {"vqa_accuracy": acc, "n_questions": qa["n"], "seconds": round(time.time() - t0, 1),
+              "checkpoint": str(ckpt2), "report": str(report)}
     (out / "demo.json").write_text(json.dumps(result, indent=1))
-    print(f"\ndemo finished in {result['seconds']:.0f} s; checkpoint {ckpt2}; try:\n"
-          f"  phivlm chat --checkpoint {ckpt2} --image {Path(data['images']) / rows[0]['image']}")
+    image = Path(data["images"]) / json.loads(Path(data["qa_val"]).read_text().splitlines()[0])["image"]
+    print(f"\ndemo finished in {result['seconds']:.0f} s; report: {report}\ntry:\n"
+          f"  phivlm chat --checkpoint {ckpt2} --image {image}")
     return 0

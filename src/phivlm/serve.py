@@ -11,14 +11,15 @@ from typing import Any, Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
-import gradio as gr
-from PIL import Image
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from .data.images import BadImage, open_rgb
-from .data.synth import render, sample_scene
-from .generate import GenerationConfig
-from .infer import Assistant
-from .registry import PhivlmError
+from .data.images import BadImage, open_rgb  # noqa: E402
+from .data.synth import render, sample_scene  # noqa: E402
+from .generate import GenerationConfig  # noqa: E402
+from .infer import Assistant  # noqa: E402
+from .registry import PhivlmError  # noqa: E402
+from .train.checkpoint import resolve_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Handlers:
             image = open_rgb(path)
         except BadImage as e:
             reason = str(e).replace(path, name).removeprefix(f"{name}: ")
-            msg = f"⚠️ Could not use “{name}”: {reason}. Please upload a PNG, JPEG or WebP image."
+            msg = f"⚠️ Could not use “{name}”: {reason}. Please choose another image."
             gr.Warning(msg)
             return chat, chat.shown, msg, chat.image_path or None  # the preview goes back to the current image
         return (Chat(image, path, name), [], f"Loaded “{name}” ({image.width}×{image.height}). Ask a question.",
@@ -172,7 +173,7 @@ def build_app(assistant: Assistant, checkpoint: str | Path, gen: GenerationConfi
         image.upload(h.new_image, [image, chat], image_out, preprocess=False)
         image.clear(h.no_image, None, image_out)
         ask = dict(fn=h.respond, inputs=[question, chat, temperature, top_p, max_new],
-                   outputs=[chat, chatbot, status, question])
+                   outputs=[chat, chatbot, status, question], concurrency_id="generate")  # one limit for both
         events = [question.submit(**ask), send.click(**ask)]
         for clearing in (clear.click, chatbot.clear):  # the button and the chat's own bin icon
             clearing(h.clear, [chat], [chat, chatbot, status], cancels=events, queue=False)
@@ -187,7 +188,7 @@ def serve(checkpoint: str | Path, gen: GenerationConfig, host: str = "127.0.0.1"
     assistant = Assistant(checkpoint, device)
     with tempfile.TemporaryDirectory(prefix="phivlm-serve-") as tmp:
         examples = example_images(Path(tmp), seed)
-        demo = build_app(assistant, Path(checkpoint).resolve(), gen, examples, seed)
+        demo = build_app(assistant, resolve_checkpoint(checkpoint).resolve(), gen, examples, seed)
         demo.queue(default_concurrency_limit=concurrency, max_size=64)
         demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
                     allowed_paths=[tmp], ssr_mode=False, show_error=True, css=CSS)

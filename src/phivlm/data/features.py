@@ -97,7 +97,10 @@ def build_features(tower: VisionTower, image_dir: str | Path, names: list[str], 
     from ..runtime import autocast
 
     folder = cache_dir(root, tower)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PhivlmError(f"{root}: feature cache folder is not writable ({e.strerror})") from None
     meta = {"tower": tower.name, "identity": tower.identity, "patches": tower.num_patches,
             "hidden_size": tower.hidden_size, "dtype": "float16"}
     meta_path = folder / "meta.json"
@@ -109,6 +112,10 @@ def build_features(tower: VisionTower, image_dir: str | Path, names: list[str], 
     skipped: list[dict] = []
     if not todo:
         return done, skipped
+    if not str(image_dir):
+        raise PhivlmError("no image folder given (--images)")
+    if not Path(image_dir).is_dir():
+        raise PhivlmError(f"{image_dir}: image folder not found (--images)")
     log.info("encoding %d images (%d already cached) into %s", len(todo), len(done), folder)
     device = torch.device(device)
     tower.to(device)

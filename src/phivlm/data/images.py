@@ -1,14 +1,15 @@
 """Opening image files safely: inside the image folder, decoded fully, converted to RGB, size-limited."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..registry import PhivlmError
 
-MAX_PIXELS = 64_000_000  # larger images are refused (decompression-bomb guard)
-MIN_SIDE = 2
+MAX_PIXELS = 64_000_000  # larger images are refused from the header, before decoding (decompression bombs)
+MIN_SIDE = 2  # images with a side below this (e.g. 1x1 tracking pixels) are refused
 
 
 class BadImage(PhivlmError):
@@ -16,9 +17,12 @@ class BadImage(PhivlmError):
 
 
 def image_path(image_dir: str | Path, name: str) -> Path:
-    """Join ``name`` to the image folder, refusing paths that escape it."""
-    root = Path(image_dir).resolve()
-    p = (root / name).resolve()
+    """Join ``name`` to the image folder, refusing paths that escape it (``..``, absolute paths, symlinks)."""
+    try:
+        root = Path(image_dir).resolve()
+        p = (root / name).resolve()
+    except (OSError, ValueError) as e:  # an embedded NUL byte, a name the OS cannot take
+        raise BadImage(f"{name!r}: not a usable image path ({e})") from None
     if root != p and root not in p.parents:
         raise BadImage(f"{name}: image path escapes the image folder {root}")
     return p
@@ -27,15 +31,24 @@ def image_path(image_dir: str | Path, name: str) -> Path:
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode an image completely and return it as 8-bit RGB (grayscale, RGBA, CMYK, 16-bit, palette)."""
     p = Path(path)
-    if not p.is_file():
-        raise BadImage(f"{p}: image file not found")
     try:
-        with Image.open(p) as im:
+        size = p.stat().st_size if p.is_file() else None
+    except OSError as e:  # e.g. a file name longer than the OS allows
+        raise BadImage(f"{p}: cannot read image file ({e.strerror})") from None
+    if size is None:
+        raise BadImage(f"{p}: image file not found")
+    if size == 0:
+        raise BadImage(f"{p}: empty image file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit reports it
+            im = Image.open(p)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise BadImage(f"{p}: image too large ({im.width}x{im.height} > {MAX_PIXELS} pixels)")
-            im.load()
             if min(im.size) < MIN_SIDE:
-                raise BadImage(f"{p}: image too small ({im.width}x{im.height})")
+                raise BadImage(f"{p}: image too small ({im.width}x{im.height}; each side must be >= {MIN_SIDE})")
+            im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale -> 8-bit
                 im = im.point(lambda v: v / 256).convert("L")
@@ -49,5 +62,7 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise
     except Image.DecompressionBombError:
         raise BadImage(f"{p}: image too large (decompression bomb guard)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise BadImage(f"{p}: not an image file (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise BadImage(f"{p}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -10,7 +10,7 @@ from ..data.images import image_path, open_rgb
 from .caption_metrics import METRICS
 
 THUMB_SIZE = 96
-CONDITION_NAMES = {"image": "model", "blind": "blind (zero features)", "shuffled": "shuffled (other image)"}
+CONDITION_NAMES = {"model": "model", "blind": "blind (zero features)", "shuffled": "shuffled (other image)"}
 
 
 def find_log(checkpoint: str | Path) -> Path | None:

@@ -134,11 +134,12 @@ def evaluate(checkpoint: str | Path, data: list[str | Path], images: str | Path,
     assistant = Assistant(checkpoint, device)
     names = list(dict.fromkeys(it.image for items in tasks.values() for it in items))
     row = {n: i for i, n in enumerate(names)}
-    feats = {"image": image_features(assistant, images, names, batch_size)}
+    feats = {"model": image_features(assistant, images, names, batch_size)}
     if baselines:
-        feats.update({name: fn(feats["image"], seed) for name, fn in BASELINES.items()})
+        feats.update({name: fn(feats["model"], seed) for name, fn in BASELINES.items()})
     sources = dict(zip(tasks, map(str, data)))
-    metrics: dict = {"checkpoint": str(checkpoint), "images": str(images), "conditions": list(feats), "tasks": {}}
+    metrics: dict = {"checkpoint": str(Path(checkpoint).resolve()), "images": str(Path(images).resolve()),
+                     "conditions": list(feats), "tasks": {}}
     predictions: dict[str, list[dict]] = {}
     for kind, items in tasks.items():
         preds = {c: predict(assistant, items, f, row, batch_size, MAX_NEW_TOKENS[kind], f"{kind} ({c})")

@@ -26,7 +26,7 @@ from ..models.vision import VisionTower
 from ..models.vlm import PhiVLM
 from ..registry import PhivlmError
 from ..train.checkpoint import Loaded, load_merged, resolve_checkpoint
-from .card import model_card
+from .card import find_metrics, model_card
 from .formats import FORMATS, Parts
 from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts
 
@@ -61,14 +61,17 @@ def _generation_config(tok, img: int, sep: int):
                             pad_token_id=tok.pad_token_id, suppress_tokens=[img, sep])
 
 
-def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "fp32") -> Path:
-    """Write checkpoint ``checkpoint`` as a Hugging Face model folder ``out`` (atomically); returns ``out``."""
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "fp32",
+           metrics: str | Path | None = None) -> Path:
+    """Write checkpoint ``checkpoint`` as a Hugging Face model folder ``out`` (atomically); returns ``out``.
+    ``metrics``: ``phivlm eval``'s metrics.json for the model card (default: found next to the checkpoint)."""
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if dtype not in DTYPES:
         raise PhivlmError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if out.exists() and any(out.iterdir()) and not is_export(out):
         raise PhivlmError(f"{out}: exists and is not a phivlm export; refusing to overwrite it")
     run_cfg = RunConfig.load(ckpt / "config.yaml")
+    found_metrics = find_metrics(ckpt, metrics)
     if run_cfg.model.trust_remote_code:
         raise PhivlmError(f"{ckpt}: the LM needs trust_remote_code; export needs an architecture built into "
                           "transformers")
@@ -102,7 +105,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
         example = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}],
             add_generation_prompt=True)
-        (tmp / "README.md").write_text(model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example))
+        (tmp / "README.md").write_text(model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example,
+                                                          found_metrics))
         meta = {"phivlm_version": __version__, "format": name, "source": str(ckpt), "dtype": dtype,
                 "lm_vocab_size": parts.lm_vocab_size, "image_token_id": img, "image_sep_token_id": sep,
                 "image_sep_token": SEP_TOKEN, "lm_chat_template": loaded.tok.chat_template, "config": cfg.to_dict()}

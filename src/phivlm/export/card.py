@@ -9,6 +9,7 @@ import yaml
 from .. import __version__
 from ..config import RunConfig
 from ..models import builtin
+from ..registry import PhivlmError
 
 PROJECTORS = {
     "linear": "Linear(d_vision -> d_lm)",
@@ -27,33 +28,73 @@ LLAVA_PROJECTOR = {
 }
 
 
-def find_metrics(ckpt: Path) -> tuple[Path, dict] | None:
-    """``metrics.json`` (written by ``phivlm eval``) in the checkpoint folder or its run folder."""
-    for folder in (ckpt, ckpt.parent):
+def find_metrics(ckpt: Path, explicit: str | Path | None = None) -> tuple[Path, dict] | None:
+    """``phivlm eval``'s ``metrics.json``: ``explicit``, else one in the checkpoint or run folder, or in an
+    ``eval`` folder beside them whose ``checkpoint`` entry names this checkpoint."""
+    from ..train.checkpoint import resolve_checkpoint
+
+    def read(path: Path) -> dict | None:
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return d if isinstance(d, dict) else None
+
+    def names_ckpt(d: dict) -> bool:
+        try:
+            return resolve_checkpoint(d.get("checkpoint", "")).resolve() == ckpt.resolve()
+        except PhivlmError:
+            return False
+
+    if explicit is not None:
+        d = read(Path(explicit))
+        if d is None:
+            raise PhivlmError(f"{explicit}: cannot read metrics (expected phivlm eval's metrics.json)")
+        return Path(explicit), d
+    for folder, own in ((ckpt, True), (ckpt.parent, True), (ckpt.parent / "eval", False),
+                        (ckpt.parent.parent / "eval", False)):
         path = folder / "metrics.json"
-        if path.is_file():
-            try:
-                return path, json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                return None
+        if path.is_file() and (d := read(path)) is not None and (own or names_ckpt(d)):
+            return path, d
     return None
 
 
 def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
     if not isinstance(d, dict):
-        return [(prefix, d)]
+        return [(prefix, d)] if isinstance(d, (int, float)) and not isinstance(d, bool) else []
     return [row for k, v in d.items() for row in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else f"`{json.dumps(v)}`" if isinstance(v, (list, dict)) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def metrics_tables(metrics: dict) -> list[str]:
+    """``phivlm eval`` metrics: one table per task, a column per condition (image, baselines); any other
+    JSON: its numbers."""
+    if not isinstance(metrics.get("tasks"), dict):
+        return ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics)]
+    out: list[str] = []
+    for task, entry in metrics["tasks"].items():
+        scores = entry.get("scores", {}) if isinstance(entry, dict) else {}
+        conditions = [c for c in scores if isinstance(scores[c], dict)]
+        if not conditions:
+            continue
+        cols = {c: dict(_flatten(scores[c])) for c in conditions}
+        out += [f"**{task}** ({entry.get('n', '?')} items, `{entry.get('source', '')}`)", "",
+                "| metric | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 1) + "|"]
+        out += [f"| {k} | " + " | ".join(_fmt(cols[c].get(k, "")) for c in conditions) + " |"
+                for k in cols[conditions[0]]]
+        out.append("")
+    return out
 
 
 def _is_hub_id(name: str) -> bool:
     return name not in builtin.BUILTIN and "/" in name and not Path(name).exists()
 
 
-def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_example: str) -> str:
+def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_example: str,
+               metrics: tuple[Path, dict] | None) -> str:
     """Markdown with YAML front matter. ``lm_tuning``: the run's own mode (before merging)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     random_vision = builtin.is_random_vision(m.vision)
@@ -79,29 +120,39 @@ def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_ex
             "| image separator | one learned embedding right after the image tokens: the `<image_sep>` token |",
             f"| format | {FORMATS[fmt]} |", ""]
     stage1 = lm_tuning == "frozen" and d.template == "plain"
+    merged = ", merged into the weights" if lm_tuning in ("lora", "qlora") else ""
+    trained = "projector and separator (LM frozen)" if lm_tuning == "frozen" else \
+        f"projector, separator and LM (`{lm_tuning}`{merged})"
     stage = ("stage 1, alignment: the projector and separator learn on image captions, LM frozen" if stage1 else
-             f"stage 2, instruction finetuning: projector, separator and LM (`{lm_tuning}`"
-             f"{', merged into the weights' if lm_tuning in ('lora', 'qlora') else ''}) on conversations, "
-             "starting from a stage-1 checkpoint (whose run config is not stored here)")
+             f"stage 2, instruction finetuning of the {trained} on conversations, starting from a stage-1 "
+             "checkpoint (whose run config is not stored here)")
     objective = getattr(t, "objective", "standard")
+    if objective == "standard":
+        objective_text = "`standard`: one teacher-forced causal pass"
+    else:
+        ar = (f"token by token with a KV cache, teacher forcing {t.tf_schedule} from {t.tf_start:g} to "
+              f"{t.tf_end:g}, otherwise feeding back the model's {t.feedback} token")
+        objective_text = (f"`mixed`: {t.mixed_standard_fraction:g} of the steps standard, the others "
+                          f"autoregressive ({ar})" if objective == "mixed" else f"`{objective}`: {ar}")
+    data = (f"`{d.data}` (images `{d.images}`{f', {d.limit} images' if d.limit else ''})"
+            f"{f'; validation `{d.val_data}`' if d.val_data else ''}" if d.data else "not recorded")
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch{'s' if t.epochs != 1 else ''}"
     out += ["## Training", "",
             f"- Stage of this checkpoint: {stage}.",
-            f"- Data: `{d.data}` (images `{d.images}`{f', {d.limit} images' if d.limit else ''})"
-            f"{f'; validation `{d.val_data}`' if d.val_data else ''}.",
+            f"- Data: {data}.",
             f"- Prompt template: `{d.template}`; at most {d.max_length} text tokens per sample.",
-            f"- Objective: `{objective}`; loss on the answers (captions) and their closing EOS only.",
-            f"- Optimisation: {f'{t.max_steps} steps' if t.max_steps else f'{t.epochs:g} epochs'}, batch "
-            f"{t.batch_size}, lr {t.lr:g} (LM {t.lm_lr:g}), {t.precision}, seed {t.seed}.",
+            f"- Objective: {objective_text}; loss on the answers (captions) and their closing EOS only.",
+            f"- Optimisation: {length}, batch {t.batch_size}, lr {t.lr:g} (LM {t.lm_lr:g}), {t.precision}, "
+            f"seed {t.seed}.",
             "", "<details><summary>Full run config</summary>", "", "```yaml",
             yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", "</details>", ""]
     out += ["## Evaluation", ""]
-    found = find_metrics(source)
-    if found:
-        path, metrics = found
-        out += [f"From `{path}` (`phivlm eval`):", "", "| metric | value |", "|---|---|"]
-        out += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics)]
+    if metrics:
+        path, values = metrics
+        out += [f"From `{path}` (`phivlm eval`; baselines such as shuffled or blank images show how much the "
+                "answers depend on the image):", ""] + metrics_tables(values)
     else:
-        out += ["No `phivlm eval` metrics (`metrics.json`) were found next to the checkpoint."]
+        out += ["No `phivlm eval` metrics (`metrics.json`) were found for this checkpoint."]
     out += ["", "## Usage", "", "```python"]
     if fmt == "llava":
         out += ["from transformers import AutoProcessor, LlavaForConditionalGeneration",

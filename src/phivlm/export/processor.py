@@ -70,7 +70,7 @@ def add_image_tokens(tok) -> tuple[int, int]:
     for t in (IMAGE_TOKEN, SEP_TOKEN):
         if t in vocab:
             raise PhivlmError(f"the LM tokenizer already has a token {t!r}; cannot add phivlm's image tokens")
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, SEP_TOKEN]})
+    tok.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN, SEP_TOKEN]}, replace_extra_special_tokens=False)
     img, sep = tok.convert_tokens_to_ids([IMAGE_TOKEN, SEP_TOKEN])
     return img, sep
 

@@ -20,7 +20,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     path = builtin.resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files; not a tokenizer (e.g. a vision model's folder)
         raise PhivlmError(f"{name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
     if tok.eos_token_id is None:
         raise PhivlmError(f"{name}: tokenizer has no EOS token; the model could never learn to stop")
@@ -34,7 +34,7 @@ def load_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bo
     path = builtin.resolve(name)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code,
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,  # never unpickle
             quantization_config=quantization_config, device_map=device_map)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing or pickle-only weights; not a causal LM
         raise PhivlmError(f"{name}: cannot load language model ({str(e).splitlines()[0]})") from None

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from ..registry import PhivlmError
 from . import builtin
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ class VisionTower(nn.Module):
         self.random_weights = builtin.is_random_vision(name)
         if self.random_weights:
             log.warning(builtin.RANDOM_VISION_WARNING.format(name=name))
-        if model is None:
-            model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
-        self.processor = CLIPImageProcessor.from_pretrained(path)
+        try:
+            if model is None:
+                model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+            self.processor = CLIPImageProcessor.from_pretrained(path)
+        except OSError as e:
+            raise PhivlmError(f"{name}: cannot load vision tower ({str(e).splitlines()[0]})") from None
         self.identity = self._identity(model, feature_layer)
         n_layers = model.config.num_hidden_layers
         self.keep = feature_layer % (n_layers + 1)  # hidden_states has n_layers + 1 entries

@@ -43,7 +43,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return cand
     if not p.exists():
         raise PhivlmError(f"{p}: checkpoint folder not found")
-    raise PhivlmError(f"{p}: not a checkpoint (needs {PROJECTOR_FILE} and config.yaml)")
+    q = p / "checkpoint" if (p / "checkpoint").is_dir() else p
+    missing = " and ".join(f for f in (PROJECTOR_FILE, "config.yaml") if not (q / f).is_file())
+    raise PhivlmError(f"{q}: not a checkpoint ({missing} missing)")
 
 
 def build_vlm(cfg: RunConfig, d_vision: int, n_patches: int, device: torch.device,
@@ -70,7 +72,8 @@ def load_projector(vlm: PhiVLM, ckpt: Path) -> None:
     try:
         sd = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise PhivlmError(f"{path}: cannot read projector weights ({type(e).__name__})") from None
+        raise PhivlmError(f"{path}: not a valid safetensors file ({(str(e) or type(e).__name__).splitlines()[0]}); "
+                          "weights are read from safetensors only, never unpickled") from None
     own = vlm.trainable_state_dict()
     if set(sd) != set(own):
         raise PhivlmError(f"{path}: projector tensors do not match the configured projector "

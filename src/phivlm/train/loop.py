@@ -23,6 +23,7 @@ from ..models.vlm import PhiVLM
 from ..registry import PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
 from .checkpoint import build_vlm, save_checkpoint
+from .objectives import build_objective
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     device = pick_device(cfg.train.device)
     if cfg.data.template != "auto":
         get_template(cfg.data.template)  # fail on a bad name before any loading
+    objective = build_objective(cfg.train)
     tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init)
     cfg.data.template = resolve_template_name(cfg.data.template, tok)
@@ -130,7 +132,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, cfg.train.precision):
-                loss = vlm(**batch)
+                loss = objective(vlm, batch, step, steps)
             if not torch.isfinite(loss):
                 raise PhivlmError(f"non-finite loss at step {step + 1}; stopping (lower --lr?)")
             loss.backward()
@@ -145,6 +147,8 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
             if step % cfg.train.log_every == 0 or step == steps:
                 rec = {"step": step, "loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
                        "elapsed_s": round(time.time() - t0, 2)}
+                if (tf := objective.tf_rate(step - 1, steps)) is not None:
+                    rec["tf_rate"] = round(tf, 4)
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 tb.add_scalar("loss/train", rec["loss"], step)

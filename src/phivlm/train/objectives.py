@@ -140,7 +140,7 @@ class ARResult(NamedTuple):
     fed_mask: torch.Tensor  # (B, n-1) True where that token belongs to the sample (not finished/padding)
 
 
-def _repack(batch: dict):
+def split_prompt(batch: dict):
     """Right-padded batch -> (prompt ids left-padded to a common width, prompt mask, first-target
     column per row, continuation ids, labels and validity (B, n) from the first to the last target)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -171,7 +171,7 @@ def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str 
     ``tf_rate``, else as the model's prediction (``greedy`` argmax or ``sample`` from the softmax)."""
     if feedback not in FEEDBACK:
         raise PhivlmError(f"unknown --feedback {feedback!r}; valid: {', '.join(FEEDBACK)}")
-    prompt, prompt_mask, first, cont, cont_labels, live = _repack(batch)
+    prompt, prompt_mask, first, cont, cont_labels, live = split_prompt(batch)
     b, n = cont.shape
     width = prompt.shape[1]
     base = vlm.base_lm

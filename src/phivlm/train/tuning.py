@@ -5,6 +5,7 @@ Freezing and adapters are applied here, outside the model classes (as TinyLLaVA 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,19 +54,33 @@ def fix_bnb_cpu_repacking(lm: nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def load_adapter(lm: nn.Module, folder: Path, trainable: bool):
+    """A saved PEFT adapter, from safetensors only (an ``adapter_model.bin`` pickle is refused, never unpickled)."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise PhivlmError(f"{folder}: {name} missing (adapters are read from safetensors only)")
+    try:
+        return PeftModel.from_pretrained(lm, str(folder), is_trainable=trainable)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise PhivlmError(f"{folder}: cannot load the LoRA adapter ({str(e).splitlines()[0]})") from None
+
+
 def apply_tuning(lm: nn.Module, tuning: TuningConfig, adapter_dir: str | None = None, trainable: bool = True):
     """Freeze or wrap ``lm`` per ``tuning.lm_tuning``; loads an existing PEFT adapter if given."""
     check_mode(tuning.lm_tuning)
     if tuning.lm_tuning in ("frozen", "full"):
         lm.requires_grad_(trainable and tuning.lm_tuning == "full")
     else:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
         lm.requires_grad_(False)
         if tuning.lm_tuning == "qlora":
             fix_bnb_cpu_repacking(lm)
         if adapter_dir:
-            lm = PeftModel.from_pretrained(lm, adapter_dir, is_trainable=trainable)
+            lm = load_adapter(lm, Path(adapter_dir), trainable)
         else:
             cfg = LoraConfig(r=tuning.lora_rank, lora_alpha=tuning.lora_alpha, lora_dropout=tuning.lora_dropout,
                              target_modules=lora_targets(lm, tuning), task_type="CAUSAL_LM")
