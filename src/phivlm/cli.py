@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,9 +71,22 @@ def cmd_features(args) -> int:
     return 0
 
 
+def launch_torchrun(args) -> None:
+    """``--nproc N``: re-run this very command under torchrun with N processes on this machine."""
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "phivlm.cli", *argv]
+        log.info("launching: %s", " ".join(cmd))
+        os.execv(sys.executable, cmd)
+
+
 def cmd_pretrain(args) -> int:
     from .train.loop import train
 
+    launch_torchrun(args)
     cfg = config_from_args(args, pretrain_defaults())
     train(cfg)
     return 0
@@ -82,6 +96,7 @@ def cmd_finetune(args) -> int:
     from .train.checkpoint import merge_checkpoint, resolve_checkpoint
     from .train.loop import train
 
+    launch_torchrun(args)
     init = resolve_checkpoint(args.checkpoint)
     base = finetune_defaults()
     base.model = RunConfig.load(init / "config.yaml").model
@@ -91,7 +106,7 @@ def cmd_finetune(args) -> int:
             log.warning("%s was trained with --%s %s, this run uses %s: its projector fits the models it was "
                         "trained with", init, key, getattr(base.model, key), getattr(cfg.model, key))
     ckpt = train(cfg, init=init)
-    if args.merge:
+    if args.merge and int(os.environ.get("RANK", "0")) == 0:
         merged = merge_checkpoint(ckpt, Path(cfg.train.output) / "merged")
         print(f"merged model written to {merged}")
     return 0
@@ -230,12 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("pretrain", help="stage 1: train the projector on image captions")
+    s.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
     add_config_args(s, pretrain_defaults())
     s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("finetune", help="stage 2: instruction finetuning (LoRA, QLoRA, full)")
     s.add_argument("--checkpoint", required=True, help="stage-1 (or earlier stage-2) checkpoint")
     s.add_argument("--merge", action="store_true", help="also write a merged standalone model")
+    s.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
     add_config_args(s, finetune_defaults())
     s.set_defaults(func=cmd_finetune)
 
@@ -318,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PhivlmError as e:
-        print(f"phivlm: error: {e}", file=sys.stderr)
-        return 2
+        print(f"phivlm: {'stopped' if e.exit_code == 130 else 'error'}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("phivlm: interrupted", file=sys.stderr)
         return 130

@@ -43,7 +43,9 @@ class TrainConfig:
     output: str = "runs/stage1"
     epochs: float = 1.0
     max_steps: int = 0  # >0 overrides epochs
-    batch_size: int = 8
+    batch_size: int = 8  # per process and micro-batch; global batch = batch_size x processes x grad_accum
+    grad_accum: int = 1  # micro-batches per optimizer step
+    group_by_length: bool = False  # batch samples of similar length together (less padding)
     lr: float = 1e-3  # projector + separator
     lm_lr: float = 2e-4  # LoRA adapters / LM weights
     weight_decay: float = 0.0
@@ -55,6 +57,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # validation loss on --val-data every N steps (0 = only at the end)
     workers: int = 0  # DataLoader worker processes
+    save_every: int = 0  # resumable checkpoint every N steps in <output>/checkpoints (0 = only at the end)
+    keep_last: int = 2  # periodic checkpoints kept
+    resume: str = "auto"  # auto (latest in <output>/checkpoints, if any) | none | a step-checkpoint folder
+    skip_nonfinite: bool = False  # skip (and count) batches with a non-finite loss instead of stopping
     objective: str = "standard"  # standard | autoregressive | mixed (see README, "Training objectives")
     tf_schedule: str = "exponential"  # teacher-forcing rate over steps: constant | linear | exponential
     tf_start: float = 1.0  # teacher-forcing rate at step 0 (1 = always feed the ground-truth token)

@@ -9,6 +9,14 @@ T = TypeVar("T")
 class PhivlmError(Exception):
     """An error with a one-line, user-facing message (the CLI prints it without a traceback)."""
 
+    exit_code = 2
+
+
+class Interrupted(PhivlmError):
+    """Training stopped by SIGINT after saving a resumable checkpoint."""
+
+    exit_code = 130
+
 
 class Registry(Generic[T]):
     def __init__(self, kind: str):

@@ -76,40 +76,28 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
         raise PhivlmError(f"{ckpt}: the LM needs trust_remote_code; export needs an architecture built into "
                           "transformers")
     loaded = load_merged(ckpt)
-    cfg, vlm = loaded.cfg, loaded.vlm
-    template = resolve_template_name(cfg.data.template, loaded.tok)
-    cfg.data.template = template
-
-    from transformers import CLIPVisionModel
-
-    tok = copy.deepcopy(loaded.tok)
-    img, sep = add_image_tokens(tok)
-    tower = loaded.tower
-    processor = build_processor(tok, tower.processor, template, tower.model.config.patch_size)
-    check_prompts(processor, loaded.tok, template, tower.num_patches, tower.model.config.image_size)
-    clip = CLIPVisionModel.from_pretrained(builtin.resolve(cfg.model.vision), dtype=torch.float32)  # all layers
-    parts = Parts(lm=vlm.base_lm, clip=clip, projector=vlm.projector, separator=vlm.separator.detach(),
-                  projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
-                  feature_layer=cfg.model.feature_layer, num_image_tokens=tower.num_patches,
-                  image_token_id=img, image_sep_token_id=sep)
+    cfg = loaded.cfg
+    cfg.data.template = resolve_template_name(cfg.data.template, loaded.tok)
+    processor, parts = _assemble(loaded)
     name = pick_format(fmt, parts)
-    model = FORMATS.get(name)().build(parts)
-    model.generation_config = _generation_config(tok, img, sep)
+    model = FORMATS.get(name)().build(parts).to(DTYPES[dtype])
+    model.generation_config = _generation_config(processor.tokenizer, parts.image_token_id, parts.image_sep_token_id)
+    example = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}],
+        add_generation_prompt=True)
+    meta = {"phivlm_version": __version__, "format": name, "source": str(ckpt), "dtype": dtype,
+            "lm_vocab_size": parts.lm_vocab_size, "image_token_id": parts.image_token_id,
+            "image_sep_token_id": parts.image_sep_token_id, "image_sep_token": SEP_TOKEN,
+            "lm_chat_template": loaded.tok.chat_template, "config": cfg.to_dict()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.to(DTYPES[dtype]).save_pretrained(tmp)
+        model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        example = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}],
-            add_generation_prompt=True)
-        (tmp / "README.md").write_text(model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example,
-                                                          found_metrics))
-        meta = {"phivlm_version": __version__, "format": name, "source": str(ckpt), "dtype": dtype,
-                "lm_vocab_size": parts.lm_vocab_size, "image_token_id": img, "image_sep_token_id": sep,
-                "image_sep_token": SEP_TOKEN, "lm_chat_template": loaded.tok.chat_template, "config": cfg.to_dict()}
+        card = model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example, found_metrics)
+        (tmp / "README.md").write_text(card)
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))  # last: only complete exports carry it
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
@@ -120,6 +108,24 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s format) to %s", ckpt, name, out)
     return out
+
+
+def _assemble(loaded: Loaded):
+    """(processor, parts) of a merged checkpoint; fails unless the processor gives phivlm's prompt ids."""
+    from transformers import CLIPVisionModel
+
+    cfg, vlm, tower = loaded.cfg, loaded.vlm, loaded.tower
+    tok = copy.deepcopy(loaded.tok)
+    img, sep = add_image_tokens(tok)
+    clip_cfg = tower.model.config
+    processor = build_processor(tok, tower.processor, cfg.data.template, clip_cfg.patch_size)
+    check_prompts(processor, loaded.tok, cfg.data.template, tower.num_patches, clip_cfg.image_size)
+    clip = CLIPVisionModel.from_pretrained(builtin.resolve(cfg.model.vision), dtype=torch.float32)  # all layers
+    parts = Parts(lm=vlm.base_lm, clip=clip, projector=vlm.projector, separator=vlm.separator.detach(),
+                  projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
+                  feature_layer=cfg.model.feature_layer, num_image_tokens=tower.num_patches,
+                  image_token_id=img, image_sep_token_id=sep)
+    return processor, parts
 
 
 def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:

@@ -5,7 +5,10 @@
 becomes ``linear_1`` = the projector, act ``linear`` (identity) and ``linear_2`` = identity matrix with zero
 bias, which is exact (x*1 and x+0 are exact in floating point). The separator is the embedding row of the
 ``<image_sep>`` token; the vocabulary grows to hold ``<image>`` and ``<image_sep>`` (and so does the output
-layer, tied or not: those logits are suppressed by the exported generation config).
+layer, tied or not: those logits are suppressed by the exported generation config; where a padded vocabulary
+already has room, the new tokens take unused padding rows). An output-layer bias (Phi-2) cannot be held.
+vLLM's activation registry (in the sources seen) has no identity (``linear``): vLLM would need it added to
+serve a ``linear`` Llava export; ``mlp2x_gelu`` uses its ``gelu``.
 ``phivlm``: ``PhivlmForConditionalGeneration`` (``phivlm.hf``): any projector, the LM unchanged.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..registry import PhivlmError, Registry
+from ..registry import Registry
 
 
 @dataclass
@@ -73,7 +76,8 @@ class Llava(ExportFormat):
 
     def unsupported(self, parts):
         if parts.projector_name not in self.PROJECTOR_ACT:
-            return f"Llava's projector is Linear-act-Linear; the {parts.projector_name!r} projector needs --format phivlm"
+            return (f"Llava's projector is Linear-act-Linear; the {parts.projector_name!r} projector needs "
+                    "--format phivlm")
         bias = _output_bias(parts.lm)
         if bias is not None and bool(bias.detach().abs().gt(0).any()):
             return "the LM's output layer has a bias, which LlavaForConditionalGeneration does not hold"

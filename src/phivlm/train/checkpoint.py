@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -95,8 +96,11 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: dict | None = None) -> Path:
-    """Write a checkpoint atomically: into a temporary folder, fsync, then rename into place."""
+def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: dict | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint atomically: into a temporary folder, fsync, then rename into place.
+
+    ``extra`` writes more files into the folder before it is committed (e.g. the training state)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -112,12 +116,19 @@ def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: di
             vlm.base_lm.save_pretrained(tmp / "lm")
             tok.save_pretrained(tmp / "lm")
         (tmp / "state.json").write_text(json.dumps(state or {}, indent=1))
+        if extra is not None:
+            extra(tmp)
         _fsync_tree(tmp)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+        dir_fd = os.open(out.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

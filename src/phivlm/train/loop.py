@@ -1,13 +1,16 @@
 """The training loop shared by stage 1 (pretrain) and stage 2 (finetune)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -20,16 +23,20 @@ from ..data.sources import load_samples
 from ..data.templates import get_template, resolve_template_name
 from ..models.vision import VisionTower
 from ..models.vlm import PhiVLM
-from ..registry import PhivlmError
+from ..registry import Interrupted, PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
-from .checkpoint import build_vlm, save_checkpoint
+from . import distributed, state
+from .checkpoint import build_vlm, resolve_checkpoint, save_checkpoint
 from .objectives import build_objective
+from .sampler import StepBatches
 
 log = logging.getLogger(__name__)
 
 
-def prepare_output(folder: str | Path) -> Path:
+def prepare_output(folder: str | Path, main: bool = True) -> Path:
     out = Path(folder)
+    if not main:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -84,11 +91,79 @@ def evaluate_loss(vlm: PhiVLM, loader: DataLoader, device, precision: str) -> fl
     return total / max(n, 1)
 
 
+class _Step(nn.Module):
+    """Runs the objective inside ``forward``, so DDP sees every forward pass it must synchronise."""
+
+    def __init__(self, vlm: PhiVLM, objective):
+        super().__init__()
+        self.vlm, self.objective = vlm, objective
+
+    def forward(self, batch: dict, step: int, steps: int) -> torch.Tensor:
+        return self.objective(self.vlm, batch, step, steps)
+
+
+class _MicroBatches:
+    """Index lists of every micro-batch from ``start`` to ``steps``, in order (a DataLoader batch_sampler)."""
+
+    def __init__(self, batches: StepBatches, start: int, steps: int):
+        self.batches, self.start, self.steps = batches, start, steps
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield from self.batches.micro_batches(step)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.batches.accum
+
+
+def _n_labels(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _resume_dir(cfg: RunConfig, out: Path) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        return state.latest(out)
+    folder = resolve_checkpoint(cfg.train.resume)
+    if not (folder / state.TRAINER_FILE).is_file():
+        raise PhivlmError(f"{folder}: not a resumable checkpoint ({state.TRAINER_FILE} missing)")
+    return folder
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+    """SIGINT sets a flag (checked after each step) instead of killing the step half-way."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        flag["set"] = True
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield flag
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 def train(cfg: RunConfig, init: Path | None = None) -> Path:
-    """Train per ``cfg`` (starting from checkpoint ``init`` if given); returns the final checkpoint folder."""
-    out = prepare_output(cfg.train.output)
+    """Train per ``cfg`` (from checkpoint ``init`` if given); returns the final checkpoint folder.
+
+    Under torchrun each process trains its share of every global batch with DDP; rank 0 alone
+    writes logs and checkpoints. Resumes from the latest periodic checkpoint in the output folder.
+    """
+    dist, device_name = distributed.init(cfg.train.device)
+    out = prepare_output(cfg.train.output, dist.main)
+    device = pick_device(device_name)
+    resume = _resume_dir(cfg, out)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+        init = resume
     seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
     if cfg.data.template != "auto":
         get_template(cfg.data.template)  # fail on a bad name before any loading
     objective = build_objective(cfg.train)
@@ -96,77 +171,137 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init)
     cfg.data.template = resolve_template_name(cfg.data.template, tok)
     template = get_template(cfg.data.template)
-    cfg.save(out / "config.yaml")
+    if init is not None and (init / "lm").is_dir():
+        cfg.model.lm = str(init / "lm")  # an earlier full-tuned LM is the base from now on
+    if dist.main:
+        cfg.save(out / "config.yaml")
     skipped: list[dict] = []
+    if not dist.main:
+        dist.barrier()  # rank 0 fills the feature cache first
     ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped)
     val = load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped) if cfg.data.val_data else None
+    if dist.main:
+        dist.barrier()
     del tower
 
-    collate = Collator(store, tok.pad_token_id)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=gen, collate_fn=collate,
-                        num_workers=cfg.train.workers, drop_last=len(ds) >= cfg.train.batch_size)
-    steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(loader)))
-    opt = torch.optim.AdamW(param_groups(vlm, cfg), weight_decay=cfg.train.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.train.warmup_ratio * steps), steps)
-    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    log.info("training %d steps on %d samples (%d skipped); %.2fM trainable parameters; device %s, %s",
-             steps, len(ds), len(skipped), trainable / 1e6, device, cfg.train.precision)
+    t = cfg.train
+    batches = StepBatches(ds.lengths(), t.batch_size, t.seed, dist.world, dist.rank, t.grad_accum,
+                          t.group_by_length)
+    steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
+    params = [p for g in param_groups(vlm, cfg) for p in g["params"]]
+    opt = torch.optim.AdamW(param_groups(vlm, cfg), weight_decay=t.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(t.warmup_ratio * steps), steps)
+    start = state.restore(resume, opt, sched) if resume is not None else 0
+    model: nn.Module = _Step(vlm, objective)
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    loader = DataLoader(ds, batch_sampler=_MicroBatches(batches, start, steps), num_workers=t.workers,
+                        collate_fn=Collator(store, tok.pad_token_id))
+    if dist.main:
+        log.info("training steps %d..%d on %d samples (%d skipped), global batch %d (%d x %d procs x %d accum), "
+                 "padding %.1f%%; %.2fM trainable parameters; %s, %s", start + 1, steps, len(ds), len(skipped),
+                 batches.global_size, t.batch_size, dist.world, t.grad_accum, 100 * batches.padding_fraction(),
+                 sum(p.numel() for p in params) / 1e6, device, t.precision)
 
     vlm.train()
-    logf = open(out / "log.jsonl", "a")
-    tb = SummaryWriter(str(out / "tb"))
-    vloader = None if val is None else DataLoader(val[0], batch_size=cfg.train.batch_size,
-                                                  collate_fn=Collator(val[1], tok.pad_token_id))
+    logf = open(out / "log.jsonl", "a") if dist.main else None
+    tb = SummaryWriter(str(out / "tb")) if dist.main else None
+    vloader = None if val is None or not dist.main else DataLoader(
+        val[0], batch_size=t.batch_size, collate_fn=Collator(val[1], tok.pad_token_id))
 
-    def validate() -> None:
-        vloss = evaluate_loss(vlm, vloader, device, cfg.train.precision)
-        logf.write(json.dumps({"step": step, "val_loss": vloss}) + "\n")
+    def record(rec: dict) -> None:
+        logf.write(json.dumps(rec) + "\n")
         logf.flush()
-        tb.add_scalar("loss/val", vloss, step)
-        log.info("step %d: validation loss %.4f", step, vloss)
+        for k, v in rec.items():
+            if k not in ("step", "elapsed_s"):
+                tb.add_scalar(k, v, rec["step"])
 
-    step, t0, running = 0, time.time(), []
-    bar = tqdm(total=steps, desc="train", unit="step")
-    while step < steps:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, cfg.train.precision):
-                loss = objective(vlm, batch, step, steps)
-            if not torch.isfinite(loss):
-                raise PhivlmError(f"non-finite loss at step {step + 1}; stopping (lower --lr?)")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
-            opt.step()
+    def checkpoint(step: int) -> Path:
+        folder = save_checkpoint(vlm, cfg, tok, out / "checkpoints" / f"step-{step:07d}", {"step": step},
+                                 extra=state.writer(opt, sched, step))
+        state.rotate(out, t.keep_last)
+        return folder
+
+    t0, running, n_nonfinite = time.time(), [], 0
+    micro_iter = iter(loader)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not dist.main)
+    with _sigint_flag() as sigint:
+        for step in range(start, steps):
+            micro = [next(micro_iter) for _ in range(t.grad_accum)]
+            n_global = dist.sum(sum(_n_labels(b) for b in micro))
+            loss_sum = 0.0
+            for j, batch in enumerate(micro):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = _n_labels(batch)
+                sync = dist.world == 1 or j == len(micro) - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast(device, t.precision):
+                        loss = model(batch, step, steps)
+                    # weight by this micro-batch's share of the global batch's labelled tokens, so the
+                    # update equals one big batch whatever the split (DDP averages over processes)
+                    scaled = loss * (n * dist.world / max(n_global, 1))
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.item() * n
+            mean_loss = dist.sum(loss_sum) / max(n_global, 1)
+            if not math.isfinite(mean_loss):
+                if not t.skip_nonfinite:
+                    last = state.latest(out)
+                    raise PhivlmError(f"non-finite loss at step {step + 1}; stopped (last good checkpoint: "
+                                      f"{last or 'none'}; lower --lr or use --skip-nonfinite)")
+                n_nonfinite += 1
+                log.warning("non-finite loss at step %d: batch skipped (%d so far)", step + 1, n_nonfinite)
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                continue
+            if scaler:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            running.append(loss.item())
+            done = step + 1
+            running.append(mean_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{running[-1]:.3f}")
-            if step % cfg.train.log_every == 0 or step == steps:
-                rec = {"step": step, "loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
+            if dist.main and (done % t.log_every == 0 or done == steps):
+                rec = {"step": done, "loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
                        "elapsed_s": round(time.time() - t0, 2)}
-                if (tf := objective.tf_rate(step - 1, steps)) is not None:
+                if (tf := objective.tf_rate(step, steps)) is not None:
                     rec["tf_rate"] = round(tf, 4)
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                tb.add_scalar("loss/train", rec["loss"], step)
-                tb.add_scalar("lr", rec["lr"], step)
+                record(rec)
                 running = []
-            if vloader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
-                validate()
-            if step >= steps:
-                break
+            if vloader is not None and t.eval_every and done % t.eval_every == 0 and done < steps:
+                record({"step": done, "val_loss": evaluate_loss(vlm, vloader, device, t.precision)})
+            stop = dist.sum(float(sigint["set"])) > 0
+            if dist.main and done < steps and (stop or (t.save_every and done % t.save_every == 0)):
+                folder = checkpoint(done)
+            if stop:
+                dist.barrier()
+                raise Interrupted(f"interrupted at step {done}; resumable checkpoint {folder if dist.main else ''}"
+                                  f" (run the same command again to resume)")
     bar.close()
     if vloader is not None:
-        validate()
+        vloss = evaluate_loss(vlm, vloader, device, t.precision)
+        record({"step": steps, "val_loss": vloss})
+        log.info("validation loss %.4f", vloss)
+    if n_nonfinite:
+        log.warning("%d batches with a non-finite loss were skipped", n_nonfinite)
+    if not dist.main:
+        dist.barrier()
+        return out / "checkpoint"
     logf.close()
     tb.close()
     if skipped:
         with open(out / "skipped.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in skipped)
         log.warning("%d bad samples skipped; see %s", len(skipped), out / "skipped.jsonl")
-    ckpt = save_checkpoint(vlm, cfg, tok, out / "checkpoint", {"step": step, "elapsed_s": time.time() - t0})
+    ckpt = save_checkpoint(vlm, cfg, tok, out / "checkpoint", {"step": steps, "elapsed_s": time.time() - t0,
+                                                               "nonfinite_skipped": n_nonfinite})
+    dist.barrier()
     log.info("checkpoint written to %s (%.0f s)", ckpt, time.time() - t0)
     return ckpt

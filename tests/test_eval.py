@@ -1,0 +1,265 @@
+"""``phivlm eval``: caption metrics equal pycocoevalcap's, VQAv2 normalisation, input kinds, grounding baselines,
+training logs (TensorBoard, periodic validation), and a trained tiny model far above its baselines with a
+report whose plot and links are all there."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from phivlm.registry import PhivlmError
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+
+
+# -- VQA scoring -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("Two dogs.", "2 dogs"),  # number word -> digit, final period dropped
+    ("a red car", "red car"),  # articles removed
+    ("The Cat", "cat"),
+    ("an apple", "apple"),
+    ("yes!", "yes"),  # punctuation not next to a space is spaced out, then whitespace collapses
+    ("red, blue", "red blue"),  # punctuation next to a space is removed
+    ("left-hand", "left hand"),
+    ("none", "0"),
+    ("zero", "0"),
+    ("ten", "10"),
+    ("3.5", "3.5"),  # a period before a digit stays
+    ("1,000", "1000"),  # a 1,000-style number: punctuation removed, not spaced
+    ("dont", "don't"),  # contractions restored
+    ("isnt it", "isn't it"),
+    ("it's red", "it's red"),  # apostrophes are kept
+    ("  Top\tRight\n", "top right"),
+])
+def test_vqa_normalisation_known_cases(text, expected):
+    from phivlm.evaluate.vqa import normalize_answer
+
+    assert normalize_answer(text) == expected
+
+
+def test_vqa_accuracy_rules():
+    from phivlm.evaluate.vqa import exact_match, vqa_accuracy
+
+    ten = ["2"] * 3 + ["3"] * 7
+    assert vqa_accuracy("two", ten) == pytest.approx(0.9)  # 3 of 10 humans: leave-one-out average, not 1
+    assert vqa_accuracy("2", ["2"] * 10) == 1.0
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
+    assert vqa_accuracy("4", ten) == 0.0
+    assert vqa_accuracy("The red.", ["red"]) == 1.0  # one reference: normalised exact match
+    assert exact_match("The red.", ["red"]) == 0.0 and exact_match(" Red ", ["red"]) == 1.0
+
+
+def test_score_answers_by_type():
+    from phivlm.evaluate.vqa import score_answers
+
+    s = score_answers([["red"], ["2"], ["blue"]], ["Red.", "two", "green"], ["color", "count", "color"])
+    assert s["vqa_accuracy"] == {"all": pytest.approx(2 / 3), "color": 0.5, "count": 1.0}
+    assert s["exact_match"] == {"all": 0.0, "color": 0.0, "count": 0.0}
+
+
+# -- caption metrics -------------------------------------------------------------------------------
+
+TOY_REFS = {
+    1: ["A large red circle at the top left.", "The image shows a red circle in the top left corner.",
+        "A red circle on a white background."],
+    2: ["Two blue squares side by side.", "A pair of blue squares.", "Two squares, both blue, in the middle."],
+    3: ["A small green triangle at the bottom.", "There is a green triangle near the bottom edge."],
+    4: ["A yellow circle and a purple square.", "Shapes on white: a yellow circle and a purple square."],
+}
+TOY_SYSTEMS = {
+    "good": {1: "A red circle at the top left.", 2: "Two blue squares.", 3: "A small green triangle at the bottom.",
+             4: "A yellow circle and a purple triangle."},
+    "poor": {1: "A blue square.", 2: "", 3: "A triangle, a triangle!", 4: "Shapes on white."},
+}
+
+
+def reference_scores(refs: dict, preds: dict) -> dict[str, float]:
+    """pycocoevalcap's own pipeline (its COCOEvalCap.evaluate, without SPICE), called directly."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": preds[k]}] for k in refs})
+    out = dict(zip(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    meteor = Meteor()
+    out["METEOR"] = meteor.compute_score(gts, res)[0]
+    del meteor
+    out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out
+
+
+@needs_java
+def test_caption_metrics_equal_pycocoevalcap():
+    from phivlm.evaluate.caption_metrics import METRICS, caption_metrics
+
+    ours = caption_metrics(TOY_REFS, TOY_SYSTEMS)
+    for name, preds in TOY_SYSTEMS.items():
+        ref = reference_scores(TOY_REFS, preds)
+        assert set(ours[name]) == set(METRICS) == set(ref)
+        for m in METRICS:
+            assert ours[name][m] == pytest.approx(ref[m], abs=1e-9), (name, m)
+    assert ours["good"]["CIDEr"] > 1.0 > ours["poor"]["CIDEr"]
+    assert ours["good"]["METEOR"] > ours["poor"]["METEOR"] > 0
+
+
+@needs_java
+def test_caption_metrics_need_one_caption_per_image():
+    from phivlm.evaluate.caption_metrics import caption_metrics
+
+    with pytest.raises(PhivlmError, match="exactly the reference images"):
+        caption_metrics(TOY_REFS, {"x": {1: "a red circle"}})
+
+
+# -- inputs and baselines --------------------------------------------------------------------------
+
+def test_read_task_detects_coco_llava_and_jsonl(synth_data, tmp_path):
+    from phivlm.evaluate.run import read_task
+
+    kind, items = read_task(synth_data["captions_val"])
+    coco = json.loads(Path(synth_data["captions_val"]).read_text())
+    assert kind == "captions" and len(items) == len(coco["images"])
+    assert all(len(it.refs) == 5 and it.prompt == "" for it in items)
+
+    kind, items = read_task(synth_data["instruct_val"])
+    llava = json.loads(Path(synth_data["instruct_val"]).read_text())
+    assert kind == "qa" and len(items) == sum(len(r["conversations"]) // 2 for r in llava)
+    rec = llava[0]
+    first = [it for it in items if it.image == rec["image"]]
+    assert [it.type for it in first] == rec["types"]
+    assert [it.refs for it in first] == [[t["value"]] for t in rec["conversations"][1::2]]
+    assert all("<image>" not in it.prompt and it.prompt for it in items)
+
+    kind, items = read_task(synth_data["qa_val"], limit=3)
+    assert kind == "qa" and len({it.image for it in items}) == 3 and all(it.type for it in items)
+
+    f = tmp_path / "multi.jsonl"
+    f.write_text('{"image": "a.png", "question": "How many?", "answer": ["2", "two", "3"]}\n\n'
+                 '{"image": "b.png", "question": "Colour?", "answer": "red"}\n')
+    kind, items = read_task(f)
+    assert kind == "qa" and items[0].refs == ["2", "two", "3"] and items[1].refs == ["red"]
+    assert items[0].type is None
+    f.write_text('{"image": "a.png", "question": "How many?", "answer": "2"}\n{"image": "b.png"}\n')
+    with pytest.raises(PhivlmError, match="line 2"):
+        read_task(f)
+
+
+def test_baselines_replace_features():
+    from phivlm.evaluate.baselines import BASELINES
+
+    feats = torch.randn(7, 49, 16)
+    assert torch.equal(BASELINES["blind"](feats, 0), torch.zeros_like(feats))
+    for seed in range(5):
+        shuf = BASELINES["shuffled"](feats, seed)
+        src = [next(j for j in range(7) if torch.equal(shuf[i], feats[j])) for i in range(7)]
+        assert sorted(src) == list(range(7)) and all(s != i for i, s in enumerate(src))
+    with pytest.raises(PhivlmError):
+        BASELINES["shuffled"](feats[:1], 0)
+
+
+# -- loss curves -----------------------------------------------------------------------------------
+
+def test_loss_plot_reads_the_last_run_and_draws_both_curves(tmp_path):
+    from PIL import Image
+
+    from phivlm.evaluate.report import plot_losses, read_losses
+
+    log = tmp_path / "log.jsonl"
+    old = [{"step": s, "loss": 9.0} for s in (10, 20)]
+    new = ([{"step": s, "loss": 3.0 / s, "lr": 1e-3} for s in (5, 10, 15, 20)]
+           + [{"step": 10, "val_loss": 0.5}, {"step": 20, "val_loss": 0.25}])
+    log.write_text("".join(json.dumps(r) + "\n" for r in old + new) + "not json\n")
+    train, val = read_losses(log)
+    assert train == [(5, 0.6), (10, 0.3), (15, 0.2), (20, 0.15)] and val == [(10, 0.5), (20, 0.25)]
+    png = tmp_path / "loss.png"
+    assert plot_losses(log, png) == ["train", "validation"]
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+# -- a trained tiny model, its training logs, the eval command and the report ----------------------
+
+@pytest.fixture(scope="module")
+def trained(synth_data, tmp_path_factory):
+    """Stage 2 (full tuning) of tiny-clip + tiny-llama on the synthetic instructions, validation every 20 steps."""
+    from phivlm.config import RunConfig
+    from phivlm.train.loop import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is several times faster on a busy 2-core machine
+    try:
+        out = tmp_path_factory.mktemp("trained")
+        cfg = RunConfig()
+        cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-llama"
+        cfg.data.data, cfg.data.val_data = synth_data["instruct_train"], synth_data["instruct_val"]
+        cfg.data.images, cfg.data.template, cfg.data.features = synth_data["images"], "auto", str(out / "features")
+        cfg.tuning.lm_tuning = "full"
+        cfg.train.output, cfg.train.precision = str(out / "run"), "fp32"
+        cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.lm_lr = 100, 16, 3e-3, 3e-3
+        cfg.train.log_every, cfg.train.eval_every = 10, 20
+        yield train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_writes_jsonl_tensorboard_and_periodic_validation(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = trained.parent
+    recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_loss" in r] == [20, 40, 60, 80, 100]  # every 20 steps + the end
+    assert [r["step"] for r in recs if "loss" in r] == list(range(10, 101, 10))
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss/train", "loss/val", "lr"} <= set(tags)
+    assert [e.step for e in acc.Scalars("loss/val")] == [20, 40, 60, 80, 100]
+    assert acc.Scalars("loss/train")[-1].value == pytest.approx([r["loss"] for r in recs if "loss" in r][-1])
+
+
+@needs_java
+def test_eval_beats_baselines_and_report_renders(trained, synth_data, tmp_path, capsys):
+    from phivlm.cli import main
+
+    out = tmp_path / "eval"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["eval", "--checkpoint", str(trained), "--data", synth_data["qa_val"], "--captions",
+                     synth_data["captions_val"], "--images", synth_data["images"], "--out", str(out),
+                     "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["conditions"] == ["model", "blind", "shuffled"]
+    qa = metrics["tasks"]["qa"]
+    assert set(qa["counts"]) == {"all", "color", "shape", "count", "position"}
+    acc = {c: qa["scores"][c]["vqa_accuracy"]["all"] for c in metrics["conditions"]}
+    assert acc["model"] >= acc["blind"] + 0.15 and acc["model"] >= acc["shuffled"] + 0.15, acc
+    caps = metrics["tasks"]["captions"]["scores"]
+    assert caps["model"]["CIDEr"] > caps["shuffled"]["CIDEr"] and caps["model"]["CIDEr"] > caps["blind"]["CIDEr"]
+
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == qa["n"] + metrics["tasks"]["captions"]["n"]
+    assert {"image", "prompt", "refs", "model", "blind", "shuffled"} <= set(preds[0])
+
+    report = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert "loss.png" in links and "metrics.json" in links
+    assert sum(link.startswith("thumbs/") for link in links) == 16  # 8 examples per task
+    for link in links:
+        assert (out / link).is_file(), link
+    assert "VQAv2 accuracy" in report and "CIDEr" in report and "train, validation" in report
