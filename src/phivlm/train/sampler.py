@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import PhivlmError
+
 
 class StepBatches:
     def __init__(self, lengths: list[int], batch_size: int, seed: int, world: int = 1, rank: int = 0,
@@ -20,7 +22,8 @@ class StepBatches:
         self.group_by_length, self.window = group_by_length, window
         self.global_size = batch_size * world * accum
         if len(lengths) < self.global_size:
-            raise ValueError(f"{len(lengths)} samples < one global batch of {self.global_size}")
+            raise PhivlmError(f"{len(lengths)} samples < one global batch of {self.global_size} "
+                              "(--batch-size x processes x --grad-accum): lower --batch-size")
         self.steps_per_epoch = len(lengths) // self.global_size  # the incomplete tail batch is dropped
         self._cached: tuple[int, list[list[int]]] | None = None
 
