@@ -79,20 +79,24 @@ TOY_SYSTEMS = {
 
 
 def reference_scores(refs: dict, preds: dict) -> dict[str, float]:
-    """pycocoevalcap's own pipeline (its COCOEvalCap.evaluate, without SPICE), called directly."""
+    """pycocoevalcap's own pipeline (its COCOEvalCap.evaluate, without SPICE), called directly. The METEOR
+    scorer is pycocoevalcap's ``Meteor``: the running instance is reused, as its Java process takes tens of
+    seconds to load on a busy machine."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    from phivlm.evaluate.caption_metrics import _meteor
+
     tok = PTBTokenizer()
     gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
     res = tok.tokenize({k: [{"caption": preds[k]}] for k in refs})
     out = dict(zip(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], Bleu(4).compute_score(gts, res, verbose=0)[0]))
-    meteor = Meteor()
+    meteor = _meteor()
+    assert type(meteor) is Meteor
     out["METEOR"] = meteor.compute_score(gts, res)[0]
-    del meteor
     out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
     out["CIDEr"] = Cider().compute_score(gts, res)[0]
     return out

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -197,8 +198,9 @@ def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str 
                     own = torch.rand(len(rows), device=rows.device, generator=generator) >= tf_rate
                     fed[rows[own], j] = pred[own]
             cache = cache.advanced()
-            hidden = decoder(inputs_embeds=embed(fed[:, j : j + 1]), attention_mask=mask[:, : width + j + 1],
-                             position_ids=(first + j)[:, None], cache=cache, use_cache=False)[0][:, -1]
+            with sdpa_kernel(SDPBackend.MATH):  # one query: the fused kernels' backward is far slower here
+                hidden = decoder(inputs_embeds=embed(fed[:, j : j + 1]), attention_mask=mask[:, : width + j + 1],
+                                 position_ids=(first + j)[:, None], cache=cache, use_cache=False)[0][:, -1]
     loss = total / (cont_labels != IGNORE).sum()
     return ARResult(loss, fed, live[:, :-1])
 

@@ -1,0 +1,348 @@
+"""Scale out and survive: DDP and gradient accumulation equal one big batch, exact resume after SIGKILL
+(also mid-checkpoint), SIGINT stops with a resumable checkpoint, non-finite losses, length-grouped batches.
+
+Runs that must die are real processes (the CLI in a subprocess, through a wrapper that patches
+``phivlm.train.state`` to SIGKILL itself at a chosen point); the others run in-process."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phivlm.cli import build_parser, main, pretrain_defaults
+from phivlm.config import config_from_args
+from phivlm.registry import PhivlmError
+from phivlm.train import loop, state
+from phivlm.train.sampler import StepBatches
+
+# Tiny matrices on a busy 2-core machine: one thread per process is many times faster (and the same in
+# every process, which bitwise comparisons between processes need).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+# Run by a subprocess: the CLI, SIGKILLed right after the step-N checkpoint ("after-checkpoint") or
+# half-way through writing it ("while-writing"). argv: mode N cli-args...
+WRAPPER = '''
+import os, signal, sys
+from pathlib import Path
+from phivlm.cli import main
+from phivlm.train import state
+
+mode, kill_step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "after-checkpoint":
+    rotate = state.rotate
+    def patched_rotate(output, keep):
+        if state.latest(Path(output)).name == f"step-{kill_step:07d}":
+            die()
+        rotate(output, keep)
+    state.rotate = patched_rotate
+else:
+    writer = state.writer
+    def patched_writer(opt, sched, step):
+        write = writer(opt, sched, step)
+        def partial_write(folder):
+            write(folder)
+            if step == kill_step:
+                data = (folder / state.TRAINER_FILE).read_bytes()
+                (folder / state.TRAINER_FILE).write_bytes(data[: len(data) // 2])
+                die()
+        return partial_write
+    state.writer = patched_writer
+sys.exit(main(argv))
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """16 synthetic images with their features cached, and an (untrained) stage-1 checkpoint."""
+    from phivlm.data.features import build_features
+    from phivlm.data.sources import load_samples
+    from phivlm.data.synth import synthesize
+    from phivlm.models.vision import VisionTower
+    from phivlm.train.checkpoint import build_vlm, save_checkpoint
+
+    root = tmp_path_factory.mktemp("scale")
+    d = synthesize(root / "synth", n_train=16, n_val=4, seed=0)
+    tower = VisionTower("tiny-clip")
+    names = [s.image for f in (d["captions_train"], d["instruct_train"]) for s in load_samples(f)]
+    build_features(tower, d["images"], names, root / "features", precision="fp32")
+    cfg = pretrain_defaults()
+    cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-phi"
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
+    stage1 = save_checkpoint(vlm, cfg, tok, root / "stage1" / "checkpoint")
+    wrapper = root / "kill_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    return {**d, "root": root, "features": root / "features", "stage1": stage1, "wrapper": wrapper}
+
+
+def finetune_args(data: dict, out: Path, *extra) -> list[str]:
+    """Stage-2 LoRA on the synthetic conversations (16 samples), fp32."""
+    args = ["finetune", "--checkpoint", data["stage1"], "--data", data["instruct_train"], "--images", data["images"],
+            "--features", data["features"], "--output", out, "--precision", "fp32", "--workers", "0",
+            "--lora-rank", "4", *extra]
+    return [str(a) for a in args]
+
+
+# 100 steps (25 epochs), dropout on (so the RNG state must be restored), a periodic checkpoint every 20
+RESUMABLE = ("--max-steps", "100", "--batch-size", "4", "--lora-dropout", "0.2", "--lr", "3e-3", "--lm-lr", "3e-3",
+             "--save-every", "20", "--keep-last", "2", "--log-every", "10")
+
+
+def run(argv: list[str]) -> None:
+    assert main(argv) == 0
+
+
+def kill_run(data: dict, mode: str, step: int, argv: list[str]) -> None:
+    p = subprocess.run([sys.executable, str(data["wrapper"]), mode, str(step), *argv], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Projector + separator, and the LoRA adapter if any."""
+    w = load_file(str(ckpt / "projector.safetensors"))
+    if (ckpt / "adapter").is_dir():
+        w |= {f"adapter.{k}": v for k, v in load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).items()}
+    return w
+
+
+def assert_bitwise_equal(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and any(k.startswith("adapter.") for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k}: max diff {(wa[k] - wb[k]).abs().max().item():.3g}"
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def steps_on_disk(out: Path) -> list[str]:
+    return [p.name for p in state.step_dirs(out)]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# -- one big batch, however it is split ----------------------------------------------------------------------
+
+# Adam rescales every gradient entry: float noise in near-zero entries moves a weight by up to ~lr, so lr stays
+# small enough for the 1e-6 tolerance (a mis-weighted split moves weights by ~lr / 10) and large enough to move them
+SPLIT = ("--max-steps", "3", "--lora-dropout", "0", "--lr", "1e-3", "--lm-lr", "1e-3", "--log-every", "1")
+
+
+def assert_moved(ckpt: Path, stage1: Path) -> None:
+    w, w0 = weights(ckpt), load_file(str(stage1 / "projector.safetensors"))
+    assert min((w[k] - w0[k]).abs().max().item() for k in w0) > 5e-4
+    assert min(v.abs().max().item() for k, v in w.items() if "lora_B" in k) > 5e-4  # LoRA B starts at zero
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data, tmp_path):
+    ddp = subprocess.run([sys.executable, "-m", "phivlm.cli", *finetune_args(
+        data, tmp_path / "ddp", "--nproc", "2", "--batch-size", "4", *SPLIT)], env=ENV, capture_output=True,
+        text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "global batch 8 (4 x 2 procs x 1 accum)" in ddp.stderr
+    run(finetune_args(data, tmp_path / "one", "--batch-size", "8", *SPLIT))
+    assert_moved(tmp_path / "one" / "checkpoint", data["stage1"])
+    assert max_diff(tmp_path / "ddp" / "checkpoint", tmp_path / "one" / "checkpoint") < 1e-6
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=1e-6)
+    assert len(losses(tmp_path / "ddp")) == 3
+
+
+def test_gradient_accumulation_equals_one_batch(data, tmp_path):
+    run(finetune_args(data, tmp_path / "accum", "--batch-size", "2", "--grad-accum", "4", *SPLIT))
+    run(finetune_args(data, tmp_path / "one", "--batch-size", "8", *SPLIT))
+    assert_moved(tmp_path / "one" / "checkpoint", data["stage1"])
+    assert max_diff(tmp_path / "accum" / "checkpoint", tmp_path / "one" / "checkpoint") < 1e-6
+    assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "one"), abs=1e-6)
+
+
+# -- exact resume -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight(data) -> Path:
+    """The reference: 100 steps without interruption."""
+    out = data["root"] / "straight"
+    run(finetune_args(data, out, *RESUMABLE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_at_60(data) -> Path:
+    """The same run, SIGKILLed right after writing its step-60 checkpoint."""
+    out = data["root"] / "killed60"
+    kill_run(data, "after-checkpoint", 60, finetune_args(data, out, *RESUMABLE))
+    assert not (out / "checkpoint").exists()
+    assert steps_on_disk(out) == ["step-0000020", "step-0000040", "step-0000060"]  # killed before rotating
+    return out
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data, straight, killed_at_60, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(killed_at_60, out)
+    assert_bitwise_equal(straight / "checkpoints" / "step-0000060", out / "checkpoints" / "step-0000060")
+    caplog.set_level("INFO")
+    run(finetune_args(data, out, *RESUMABLE))  # the same command: resumes from the latest checkpoint
+    assert f"resuming from {out / 'checkpoints' / 'step-0000060'}" in caplog.text
+    assert "training steps 61..100" in caplog.text
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 100
+    assert steps_on_disk(out) == ["step-0000060", "step-0000080"]  # --keep-last 2
+    assert_bitwise_equal(out / "checkpoint", straight / "checkpoint")
+
+
+def test_kill_while_writing_a_checkpoint_leaves_the_last_complete_one(data, straight, killed_at_60, tmp_path,
+                                                                     caplog):
+    out = tmp_path / "run"
+    shutil.copytree(killed_at_60, out)
+    kill_run(data, "while-writing", 80, finetune_args(data, out, *RESUMABLE))  # resumes at 60, dies writing 80
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-0000080")]
+    assert leftovers, "the partial step-80 checkpoint should be in a temporary folder"
+    assert state.latest(out) == out / "checkpoints" / "step-0000060"
+    caplog.set_level("INFO")
+    run(finetune_args(data, out, *RESUMABLE))
+    assert f"resuming from {out / 'checkpoints' / 'step-0000060'}" in caplog.text
+    assert_bitwise_equal(out / "checkpoint", straight / "checkpoint")
+    assert not [p for p in (out / "checkpoints").iterdir() if not state.STEP_DIR.match(p.name)]  # cleaned up
+
+
+def test_sigint_saves_a_resumable_checkpoint_and_exits_130(data, straight, tmp_path, caplog):
+    out = tmp_path / "run"
+    argv = finetune_args(data, out, *RESUMABLE)
+    with open(tmp_path / "stderr", "w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "phivlm.cli", *argv], env=ENV, stderr=err,
+                             stdout=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "step-0000020").is_dir() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=120)
+        err.seek(0)
+        stderr = err.read()
+    assert rc == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    messages = [line for line in stderr.splitlines() if line.startswith("phivlm:")]
+    assert len(messages) == 1 and messages[0].startswith("phivlm: stopped: interrupted at step "), messages
+    step = int(messages[0].split("interrupted at step ")[1].split(";")[0])
+    assert 20 < step < 100
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    assert str(folder) in messages[0] and state.latest(out) == folder
+    assert not (out / "checkpoint").exists()
+    caplog.set_level("INFO")
+    run(argv)
+    assert f"resuming from {folder}" in caplog.text
+    assert_bitwise_equal(out / "checkpoint", straight / "checkpoint")
+
+
+# -- non-finite losses --------------------------------------------------------------------------------------
+
+class NanAt:
+    """Wraps an objective: the loss of 0-based step ``step`` is NaN."""
+
+    def __init__(self, objective, step: int):
+        self.objective, self.step = objective, step
+
+    def __call__(self, vlm, batch, step, steps):
+        loss = self.objective(vlm, batch, step, steps)
+        return loss * float("nan") if step == self.step else loss
+
+    def tf_rate(self, step, steps):
+        return self.objective.tf_rate(step, steps)
+
+
+def pretrain_config(data: dict, out: Path, *extra):
+    args = build_parser().parse_args([str(a) for a in (
+        "pretrain", "--data", data["captions_train"], "--images", data["images"], "--features", data["features"],
+        "--vision", "tiny-clip", "--lm", "tiny-phi", "--output", out, "--precision", "fp32", "--batch-size", "4",
+        "--max-steps", "8", "--save-every", "2", *extra)])
+    return config_from_args(args, pretrain_defaults())
+
+
+def test_non_finite_loss_stops_naming_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    build = loop.build_objective
+    monkeypatch.setattr(loop, "build_objective", lambda t: NanAt(build(t), 4))
+    with pytest.raises(PhivlmError, match="non-finite loss at step 5") as e:
+        loop.train(pretrain_config(data, tmp_path / "run"))
+    assert str(tmp_path / "run" / "checkpoints" / "step-0000004") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(data, tmp_path, monkeypatch):
+    build = loop.build_objective
+    monkeypatch.setattr(loop, "build_objective", lambda t: NanAt(build(t), 4))
+    ckpt = loop.train(pretrain_config(data, tmp_path / "run", "--skip-nonfinite"))
+    assert json.loads((ckpt / "state.json").read_text())["nonfinite_skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
+    assert len(losses(tmp_path / "run")) == 7  # every step but the skipped one logged a finite loss
+
+
+# -- batching -----------------------------------------------------------------------------------------------
+
+def varied_lengths(n: int) -> list[int]:
+    rng = random.Random(0)
+    return [rng.randint(5, 200) for _ in range(n)]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_every_sample_once_per_epoch_and_ranks_partition_the_global_batch(group):
+    lengths = varied_lengths(96)
+    world, accum, bs = 2, 3, 4  # global batch 24: 4 steps per epoch
+    ranks = [StepBatches(lengths, bs, 7, world, r, accum, group) for r in range(world)]
+    one = StepBatches(lengths, bs * world, 7, 1, 0, accum, group)  # 1 process, the same global batch
+    assert ranks[0].steps_per_epoch == 4
+    for epoch in range(3):
+        seen = []
+        for step in range(epoch * 4, epoch * 4 + 4):
+            micro = [m for b in ranks for m in b.micro_batches(step)]
+            assert len(micro) == world * accum and all(len(m) == bs for m in micro)
+            flat = [i for m in micro for i in m]
+            assert len(set(flat)) == len(flat)  # the ranks' micro-batches are disjoint ...
+            assert sorted(flat) == sorted(ranks[0].global_batches(epoch)[step % 4])  # ... and make the global batch
+            assert sorted(flat) == sorted(i for m in one.micro_batches(step) for i in m)
+            assert StepBatches(lengths, bs, 7, world, 1, accum, group).micro_batches(step) == \
+                ranks[1].micro_batches(step)  # a fresh sampler (resume) gives the same batches
+            seen += flat
+        assert sorted(seen) == list(range(96))
+    assert ranks[0].global_batches(0) != ranks[0].global_batches(1)  # reshuffled every epoch
+
+
+def test_incomplete_last_batch_is_dropped_without_repeats():
+    b = StepBatches(varied_lengths(50), 4, 0, 2, 0, 1, True)  # global batch 8: 6 steps, 2 samples left over
+    flat = [i for batch in b.global_batches(0) for i in batch]
+    assert b.steps_per_epoch == 6 and len(flat) == 48 == len(set(flat))
+
+
+def test_grouping_by_length_reduces_padding():
+    lengths = varied_lengths(512)
+    plain = StepBatches(lengths, 4, 0, 2, 0, 2, False).padding_fraction()
+    grouped = StepBatches(lengths, 4, 0, 2, 0, 2, True).padding_fraction()
+    assert grouped < plain / 3, (grouped, plain)
+
+
+def test_a_global_batch_larger_than_the_data_is_a_clear_error():
+    with pytest.raises(PhivlmError, match="10 samples < one global batch of 16"):
+        StepBatches([5] * 10, 4, 0, 2, 0, 2)
