@@ -225,9 +225,9 @@ def test_training_writes_jsonl_tensorboard_and_periodic_validation(trained):
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"loss/train", "loss/val", "lr"} <= set(tags)
-    assert [e.step for e in acc.Scalars("loss/val")] == [20, 40, 60, 80, 100]
-    assert acc.Scalars("loss/train")[-1].value == pytest.approx([r["loss"] for r in recs if "loss" in r][-1])
+    assert {"loss", "val_loss", "lr"} <= set(tags)
+    assert [e.step for e in acc.Scalars("val_loss")] == [20, 40, 60, 80, 100]
+    assert acc.Scalars("loss")[-1].value == pytest.approx([r["loss"] for r in recs if "loss" in r][-1])
 
 
 @needs_java
