@@ -315,7 +315,7 @@ def test_unknown_projector_and_template_list_the_valid_names(capsys, ckpts, tmp_
     rc, err = cli(capsys, *pretrain_args(ckpts, tmp_path / "a", "--projector", "mlp3x"))
     assert rc == 2 and "unknown projector 'mlp3x'; valid: linear, mlp2x_gelu, residual" in error_line(err)
     rc, err = cli(capsys, *pretrain_args(ckpts, tmp_path / "b", "--template", "vicuna"))
-    assert rc == 2 and "unknown template 'vicuna'; valid: chat, phi, plain" in error_line(err)
+    assert rc == 2 and "unknown template 'vicuna'; valid: auto, chat, phi, plain" in error_line(err)
     rc, err = cli(capsys, *pretrain_args(ckpts, tmp_path / "c", "--lm", "tiny-clip"))  # not a language model
     assert rc == 2 and error_line(err).startswith("phivlm: error: tiny-clip: cannot load tokenizer")
     rc, err = cli(capsys, *pretrain_args(ckpts, tmp_path / "d", "--vision", "tiny-phi"))  # not a vision tower
@@ -379,7 +379,6 @@ def test_broken_checkpoints_are_named(capsys, ckpts, tmp_path, monkeypatch):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the checkpoint.py check proposed in the issue-10 report")
 def test_lora_checkpoint_without_adapter_is_refused(capsys, ckpts, tmp_path):
     lora = tmp_path / "lora"
     shutil.copytree(ckpts["lora"], lora)

@@ -74,9 +74,9 @@ def cmd_features(args) -> int:
 def launch_torchrun(args) -> None:
     """``--nproc N``: re-run this very command under torchrun with N processes on this machine."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i:i + 2]
+        argv = sys.argv[1:]
+        i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
+        del argv[i:i + (1 if "=" in argv[i] else 2)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "phivlm.cli", *argv]
         log.info("launching: %s", " ".join(cmd))
@@ -84,19 +84,19 @@ def launch_torchrun(args) -> None:
 
 
 def cmd_pretrain(args) -> int:
+    launch_torchrun(args)  # before the heavy imports: under --nproc this process only re-executes itself
     from .train.loop import train
 
-    launch_torchrun(args)
     cfg = config_from_args(args, pretrain_defaults())
     train(cfg)
     return 0
 
 
 def cmd_finetune(args) -> int:
+    launch_torchrun(args)
     from .train.checkpoint import merge_checkpoint, resolve_checkpoint
     from .train.loop import train
 
-    launch_torchrun(args)
     init = resolve_checkpoint(args.checkpoint)
     base = finetune_defaults()
     base.model = RunConfig.load(init / "config.yaml").model

@@ -168,11 +168,16 @@ def encode_prompt(template: Template, tok, turns: Turns, num_image_tokens: int) 
     return ids
 
 
+def check_template_name(name: str) -> None:
+    if name != "auto" and name not in TEMPLATES:
+        raise PhivlmError(f"unknown template {name!r}; valid: {', '.join(['auto', *TEMPLATES.names()])}")
+
+
 def resolve_template_name(name: str, tok) -> str:
     """``auto``: the tokenizer's own chat template where it has one, else the Phi-2 template."""
+    check_template_name(name)
     if name == "auto":
         return "chat" if getattr(tok, "chat_template", None) else "phi"
-    TEMPLATES.get(name)  # validates the name
     return name
 
 

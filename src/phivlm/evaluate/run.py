@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.images import image_path, open_rgb
-from ..data.sources import load_samples, read_json
+from ..data.sources import load_samples
 from ..data.templates import IMAGE_TOKEN
 from ..generate import GenerationConfig
 from ..infer import Assistant
@@ -43,11 +43,13 @@ class Item:
 def read_task(path: str | Path, limit: int = 0) -> tuple[str, list[Item]]:
     """("qa" | "captions", items) from a COCO, LLaVA or JSONL file; ``limit`` keeps the first N images."""
     p = Path(path)
+    if not p.is_file():
+        raise PhivlmError(f"{p}: evaluation data not found")
     try:
-        data = read_json(p)
-    except PhivlmError:
-        if not p.is_file():
-            raise
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PhivlmError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError:
         data = None  # not one JSON document: JSONL
     if isinstance(data, dict) and "annotations" in data:
         kind, items = "captions", _coco(p)

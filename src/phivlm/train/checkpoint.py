@@ -37,10 +37,21 @@ class Loaded:
     cfg: RunConfig
 
 
+# What a checkpoint holds by its own lm_tuning; without it a fresh adapter or the base LM would load silently.
+LM_WEIGHTS = {"lora": "adapter/adapter_config.json", "qlora": "adapter/adapter_config.json", "full": "lm/config.json"}
+
+
+def _check_lm_weights(ckpt: Path) -> None:
+    need = LM_WEIGHTS.get(RunConfig.load(ckpt / "config.yaml").tuning.lm_tuning)
+    if need and not (ckpt / need).is_file():
+        raise PhivlmError(f"{ckpt}: not a complete checkpoint ({need} missing)")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     for cand in (p, p / "checkpoint"):
         if (cand / PROJECTOR_FILE).is_file() and (cand / "config.yaml").is_file():
+            _check_lm_weights(cand)
             return cand
     if not p.exists():
         raise PhivlmError(f"{p}: checkpoint folder not found")

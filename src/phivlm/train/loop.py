@@ -20,7 +20,7 @@ from ..config import RunConfig
 from ..data.dataset import Collator, VLMDataset
 from ..data.features import build_features
 from ..data.sources import load_samples
-from ..data.templates import get_template, resolve_template_name
+from ..data.templates import check_template_name, get_template, resolve_template_name
 from ..models.vision import VisionTower
 from ..models.vlm import PhiVLM
 from ..registry import Interrupted, PhivlmError
@@ -44,9 +44,14 @@ def prepare_output(folder: str | Path, main: bool = True) -> Path:
         probe.unlink()
     except OSError as e:
         raise PhivlmError(f"{out}: output folder is not writable ({e.strerror})") from None
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "phivlm_run", False)]:  # one run log at a time
+        root.removeHandler(h)
+        h.close()
     handler = logging.FileHandler(out / "train.log")
+    handler.phivlm_run = True
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)
     return out
 
 
@@ -164,8 +169,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
         log.info("resuming from %s", resume)
         init = resume
     seed_everything(cfg.train.seed)
-    if cfg.data.template != "auto":
-        get_template(cfg.data.template)  # fail on a bad name before any loading
+    check_template_name(cfg.data.template)  # fail on a bad name before any loading
     objective = build_objective(cfg.train)
     tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init)
@@ -173,14 +177,13 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     template = get_template(cfg.data.template)
     if init is not None and (init / "lm").is_dir():
         cfg.model.lm = str(init / "lm")  # an earlier full-tuned LM is the base from now on
-    if dist.main:
-        cfg.save(out / "config.yaml")
     skipped: list[dict] = []
     if not dist.main:
         dist.barrier()  # rank 0 fills the feature cache first
     ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped)
     val = load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped) if cfg.data.val_data else None
     if dist.main:
+        cfg.save(out / "config.yaml")
         dist.barrier()
     del tower
 
@@ -196,8 +199,9 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    # its own generator: iterating must not draw from the global RNG just restored (dropout would shift)
     loader = DataLoader(ds, batch_sampler=_MicroBatches(batches, start, steps), num_workers=t.workers,
-                        collate_fn=Collator(store, tok.pad_token_id))
+                        collate_fn=Collator(store, tok.pad_token_id), generator=torch.Generator().manual_seed(t.seed))
     if dist.main:
         log.info("training steps %d..%d on %d samples (%d skipped), global batch %d (%d x %d procs x %d accum), "
                  "padding %.1f%%; %.2fM trainable parameters; %s, %s", start + 1, steps, len(ds), len(skipped),

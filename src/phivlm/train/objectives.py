@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -179,29 +180,35 @@ def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str 
     decoder, head, embed = base.get_decoder(), base.get_output_embeddings(), base.get_input_embeddings()
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, n)], 1)
     fed = cont[:, :-1].clone()
-    total = torch.zeros((), device=cont.device)
+    states, targets = [], []
     with _checkpointing_with_cache(base) as checkpointing, _frozen_weights_cast_once(base):
         cache = _ReplayCache(merge=not checkpointing)
+        # one query per step: plain attention is cheap, and the fused kernels' backward is far slower on CPU;
+        # a checkpointing replay runs outside this context, so it must then use the same kernel as the forward
+        one_query_attention = contextlib.nullcontext if checkpointing else partial(sdpa_kernel, SDPBackend.MATH)
         # use_cache=False: the cache is passed explicitly (use_cache only asks the model to make one)
         hidden = decoder(inputs_embeds=vlm.embed(prompt, batch["image_features"]), attention_mask=prompt_mask,
                          position_ids=vlm.position_ids(prompt_mask), cache=cache, use_cache=False)[0][:, -1]
         for j in range(n):
             rows = (cont_labels[:, j] != IGNORE).nonzero().squeeze(1)
-            logits = head(hidden[rows]).float()
-            total = total + F.cross_entropy(logits, cont_labels[rows, j], reduction="sum")
+            states.append(hidden[rows])
+            targets.append(cont_labels[rows, j])
             if j == n - 1:
                 break
-            if tf_rate < 1.0 and len(rows):
-                with torch.no_grad():
-                    pred = (logits.argmax(-1) if feedback == "greedy" else
-                            torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1))
-                    own = torch.rand(len(rows), device=rows.device, generator=generator) >= tf_rate
-                    fed[rows[own], j] = pred[own]
+            if tf_rate < 1.0 and len(rows):  # rows fed their own prediction
+                own = rows[torch.rand(len(rows), device=rows.device, generator=generator) >= tf_rate]
+                if len(own):
+                    with torch.no_grad():
+                        logits = head(hidden[own]).float()
+                        fed[own, j] = (logits.argmax(-1) if feedback == "greedy" else
+                                       torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1))
             cache = cache.advanced()
-            with sdpa_kernel(SDPBackend.MATH):  # one query: the fused kernels' backward is far slower here
+            with one_query_attention():
                 hidden = decoder(inputs_embeds=embed(fed[:, j : j + 1]), attention_mask=mask[:, : width + j + 1],
                                  position_ids=(first + j)[:, None], cache=cache, use_cache=False)[0][:, -1]
-    loss = total / (cont_labels != IGNORE).sum()
+        # the loss's logits in one batched product (the loop only needs the ones it feeds back)
+        logits = head(torch.cat(states)).float()
+    loss = F.cross_entropy(logits, torch.cat(targets))
     return ARResult(loss, fed, live[:, :-1])
 
 
