@@ -57,13 +57,14 @@ def naive_loss(vlm: PhiVLM, batch: dict) -> torch.Tensor:
     return total / (cont_labels != IGNORE).sum()
 
 
-def timed(fn, vlm: PhiVLM, batch: dict) -> float:
-    t = time.perf_counter()
+def timed(fn, vlm: PhiVLM, batch: dict) -> tuple[float, float]:
+    """(wall s, process CPU s) of one forward + backward."""
+    t, c = time.perf_counter(), time.process_time()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = fn(vlm, batch)
     loss.backward()
     vlm.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -73,22 +74,26 @@ def main() -> None:
     ap.add_argument("--tuning", default="frozen,lora", help="comma-separated LM tuning modes to time")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--targets", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=0, help="timed steps per objective (default 7; 3 with --quick)")
-    ap.add_argument("--naive-steps", type=int, default=2)
+    ap.add_argument("--tf-rate", type=float, default=0.5, help="teacher-forcing rate of the autoregressive steps")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per objective (default 5; 3 with --quick)")
+    ap.add_argument("--naive-steps", type=int, default=1, help="timed steps of the naive loop (0 = skip)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lm_name = args.lm or ("tiny-llama" if args.quick else "smollm2-135m")
     n_patches, d_vision = (4, 32) if args.quick else (49, 768)
-    steps = args.steps or (3 if args.quick else 7)
+    steps = args.steps or (3 if args.quick else 5)
     print(f"LM {lm_name}, {n_patches} x {d_vision} random image features, batch {args.batch}, "
-          f"{args.targets} target tokens, bf16 autocast, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
-    print(f"{'LM tuning':<10} {'standard s':>11} {'autoregr. s':>12} {'ratio':>6} {'naive s':>8} {'naive ratio':>12}")
+          f"{args.targets} target tokens, teacher-forcing rate {args.tf_rate}, bf16 autocast, "
+          f"{torch.get_num_threads()} threads, {platform.machine()}; median s per step (wall / CPU)")
+    print(f"{'LM tuning':<10} {'standard':>13} {'autoregressive':>15} {'ratio':>6} {'naive':>13} {'naive ratio':>12}")
     for mode in args.tuning.split(","):
         lm = apply_tuning(load_lm(lm_name), TuningConfig(lm_tuning=mode, lora_dropout=0.0))
         vlm = PhiVLM(lm, d_vision, n_patches).train()
         batch = make_batch(lm.config.vocab_size, args.batch, n_patches, d_vision, args.targets, (12, 24))
-        ar = lambda v, b: autoregressive_loss(v, b, 0.5).loss  # noqa: E731
+        ar = lambda v, b: autoregressive_loss(v, b, args.tf_rate).loss  # noqa: E731
         std = lambda v, b: v(**b)  # noqa: E731
         timed(std, vlm, batch), timed(ar, vlm, batch)  # warm-up
         ts, ta = [], []
@@ -96,9 +101,14 @@ def main() -> None:
             ts.append(timed(std, vlm, batch))
             ta.append(timed(ar, vlm, batch))
         tn = [timed(naive_loss, vlm, batch) for _ in range(args.naive_steps)]
-        s, a = statistics.median(ts), statistics.median(ta)
-        n = statistics.median(tn) if tn else float("nan")
-        print(f"{mode:<10} {s:>11.3f} {a:>12.3f} {a / s:>5.2f}x {n:>8.2f} {n / s:>11.1f}x", flush=True)
+        (s, sc), (a, ac) = median(ts), median(ta)
+        n, nc = median(tn) if tn else (float("nan"),) * 2
+        print(f"{mode:<10} {s:>6.2f} / {sc:>4.2f} {a:>8.2f} / {ac:>4.2f} {a / s:>5.2f}x {n:>6.1f} / {nc:>4.1f} "
+              f"{n / s:>11.1f}x", flush=True)
+
+
+def median(times: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ def pretrain_config(data: dict, out: Path, *extra):
     args = build_parser().parse_args([str(a) for a in (
         "pretrain", "--data", data["captions_train"], "--images", data["images"], "--features", data["features"],
         "--vision", "tiny-clip", "--lm", "tiny-phi", "--output", out, "--precision", "fp32", "--batch-size", "4",
-        "--max-steps", "8", "--save-every", "2", *extra)])
+        "--max-steps", "8", "--save-every", "2", "--log-every", "1", *extra)])
     return config_from_args(args, pretrain_defaults())
 
 

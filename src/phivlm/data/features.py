@@ -50,7 +50,7 @@ def _collate(batch):
 
 
 def _atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: runs may share a cache
     with open(tmp, "wb") as f:
         write(f)
         f.flush()

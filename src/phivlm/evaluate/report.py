@@ -14,9 +14,10 @@ CONDITION_NAMES = {"model": "model", "blind": "blind (zero features)", "shuffled
 
 
 def find_log(checkpoint: str | Path) -> Path | None:
-    """The ``log.jsonl`` of the run a checkpoint belongs to (the run folder or the checkpoint's parent)."""
+    """The ``log.jsonl`` of the run a checkpoint belongs to: the run folder, the checkpoint's parent, or (for an
+    intermediate ``checkpoints/step-N``) its grandparent."""
     p = Path(checkpoint)
-    for folder in (p, p.parent):
+    for folder in (p, p.parent, p.parent.parent):
         if (folder / "log.jsonl").is_file():
             return folder / "log.jsonl"
     return None
@@ -104,7 +105,7 @@ def _examples(out: Path, name: str, items: list[dict], image_dir: Path, conditio
         prompt = [_cell(it["prompt"])] if name == "qa" else []
         rows.append([f"![{_cell(it['image'])}]({thumb.as_posix()})", *prompt, _cell(ref),
                      *(_cell(it[c]) for c in conditions)])
-    header = ["image"] + (["question"] if name == "qa" else []) + ["reference"] + [CONDITION_NAMES[c] for c in conditions]
+    header = ["image", *(["question"] if name == "qa" else []), "reference", *(CONDITION_NAMES[c] for c in conditions)]
     return _table(header, rows)
 
 
@@ -125,7 +126,8 @@ def write_report(out: Path, metrics: dict, predictions: dict[str, list[dict]], i
                   "zeros, *shuffled* by another image's. A model that uses the image scores far above both.", ""]
     for name, task in metrics["tasks"].items():
         title = "Question answering" if name == "qa" else "Captioning (COCO protocol, no SPICE)"
-        lines += [f"## {title}", "", f"`{task['source']}`: {task['n']} {'questions' if name == 'qa' else 'images'}.", ""]
+        unit = "questions" if name == "qa" else "images"
+        lines += [f"## {title}", "", f"`{task['source']}`: {task['n']} {unit}.", ""]
         lines += _qa_tables(task, conditions) if name == "qa" else _caption_table(task, conditions)
         lines += ["### Examples", "", *_examples(out, name, predictions[name], Path(image_dir), conditions, examples)]
     lines += ["## Training", ""]
@@ -134,7 +136,8 @@ def write_report(out: Path, metrics: dict, predictions: dict[str, list[dict]], i
         lines += ["No `log.jsonl` found next to the checkpoint, so no loss curves.", ""]
     else:
         curves = plot_losses(log, out / "loss.png")
-        lines += [f"Loss curves ({', '.join(curves) or 'none logged'}) from `{log}`:", "", "![loss curves](loss.png)", ""]
+        lines += [f"Loss curves ({', '.join(curves) or 'none logged'}) from `{log}`:", "",
+                  "![loss curves](loss.png)", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -9,7 +9,6 @@ reference answers, scored with the VQAv2 rule).
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from .baselines import BASELINES
 from .report import write_report
 from .vqa import score_answers
 
-log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = {"qa": 16, "captions": 48}
 
 

@@ -197,7 +197,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     start = state.restore(resume, opt, sched) if resume is not None else 0
     model: nn.Module = _Step(vlm, objective)
     if dist.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     # its own generator: iterating must not draw from the global RNG just restored (dropout would shift)
     loader = DataLoader(ds, batch_sampler=_MicroBatches(batches, start, steps), num_workers=t.workers,
@@ -221,16 +221,15 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
             if k not in ("step", "elapsed_s"):
                 tb.add_scalar(k, v, rec["step"])
 
-    def checkpoint(step: int) -> Path:
-        folder = save_checkpoint(vlm, cfg, tok, out / "checkpoints" / f"step-{step:07d}", {"step": step},
-                                 extra=state.writer(opt, sched, step))
+    def checkpoint(step: int) -> None:
+        save_checkpoint(vlm, cfg, tok, state.step_dir(out, step), {"step": step}, extra=state.writer(opt, sched, step))
         state.rotate(out, t.keep_last)
-        return folder
 
     t0, running, n_nonfinite = time.time(), [], 0
     micro_iter = iter(loader)
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not dist.main)
-    with _sigint_flag() as sigint:
+    # the bar is closed (its line ended) also when a stop message follows
+    with _sigint_flag() as sigint, tqdm(total=steps, initial=start, desc="train", unit="step",
+                                        disable=not dist.main) as bar:
         for step in range(start, steps):
             micro = [next(micro_iter) for _ in range(t.grad_accum)]
             n_global = dist.sum(sum(_n_labels(b) for b in micro))
@@ -281,14 +280,13 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                 running = []
             if vloader is not None and t.eval_every and done % t.eval_every == 0 and done < steps:
                 record({"step": done, "val_loss": evaluate_loss(vlm, vloader, device, t.precision)})
-            stop = dist.sum(float(sigint["set"])) > 0
+            stop = done < steps and dist.sum(float(sigint["set"])) > 0  # after the last step: just finish
             if dist.main and done < steps and (stop or (t.save_every and done % t.save_every == 0)):
-                folder = checkpoint(done)
+                checkpoint(done)
             if stop:
                 dist.barrier()
-                raise Interrupted(f"interrupted at step {done}; resumable checkpoint {folder if dist.main else ''}"
+                raise Interrupted(f"interrupted at step {done}; resumable checkpoint {state.step_dir(out, done)}"
                                   f" (run the same command again to resume)")
-    bar.close()
     if vloader is not None:
         vloss = evaluate_loss(vlm, vloader, device, t.precision)
         record({"step": steps, "val_loss": vloss})

@@ -2,7 +2,7 @@
 
 Periodic checkpoints live in ``<output>/checkpoints/step-NNNNNNN``; each is written atomically by
 ``save_checkpoint`` (temporary folder, fsync, rename), so every folder with that name is complete,
-and a process killed mid-write leaves only a temporary folder that is ignored.
+and a process killed mid-write leaves only a temporary folder that is ignored (and deleted by ``rotate``).
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 TRAINER_FILE = "trainer.pt"  # optimizer, scheduler and torch RNG tensors; loaded with weights_only=True
 
 
+def step_dir(output: Path, step: int) -> Path:
+    return output / "checkpoints" / f"step-{step:07d}"
+
+
 def step_dirs(output: Path) -> list[Path]:
     folder = output / "checkpoints"
     found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_FILE).is_file()] \
@@ -34,7 +38,10 @@ def latest(output: Path) -> Path | None:
 
 
 def rotate(output: Path, keep: int) -> None:
-    for old in step_dirs(output)[:-keep] if keep > 0 else []:
+    """Delete all but the ``keep`` latest periodic checkpoints, and the temporary folders of killed writers."""
+    folder = output / "checkpoints"
+    leftovers = [p for p in folder.iterdir() if p.name.startswith(".step-")] if folder.is_dir() else []
+    for old in leftovers + (step_dirs(output)[:-keep] if keep > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
 
 
