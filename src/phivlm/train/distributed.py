@@ -44,8 +44,3 @@ def init(device_name: str) -> tuple[Dist, str]:
         torch.cuda.set_device(local)
         return Dist(rank, world, local), f"cuda:{local}"
     return Dist(rank, world, local), "cpu"
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -256,6 +256,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                 log.warning("non-finite loss at step %d: batch skipped (%d so far)", step + 1, n_nonfinite)
                 opt.zero_grad(set_to_none=True)
                 sched.step()
+                bar.update(1)
                 continue
             if scaler:
                 scaler.unscale_(opt)
