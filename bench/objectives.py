@@ -4,14 +4,14 @@
     python bench/objectives.py --quick    # tiny models, a smoke run
 
 Batch 8, 32 target tokens per row, prompts of different lengths, bf16 autocast (as training runs on
-CPU). Standard and autoregressive steps alternate, so a load change on a shared machine hits both;
-the table shows medians after warm-up. For reference, the naive loop that re-runs the whole prefix
-for every target token (what the KV cache avoids) is timed for a few steps.
+CPU), frozen LM (stage 1) and LoRA (stage 2). The autoregressive objective is timed at teacher-forcing
+rates 0 (every target token a step: the worst case), 0.5 and 1. Objectives are interleaved, so a load
+change on a shared machine hits all of them; medians after a warm-up. For reference, the naive loop
+that re-runs the whole prefix for every target token (what the KV cache avoids) is timed once.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--tuning", default="frozen,lora", help="comma-separated LM tuning modes to time")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--targets", type=int, default=32)
-    ap.add_argument("--tf-rate", type=float, default=0.5, help="teacher-forcing rate of the autoregressive steps")
+    ap.add_argument("--tf-rates", default="0,0.5,1", help="teacher-forcing rates to time (comma-separated)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per objective (default 5; 3 with --quick)")
     ap.add_argument("--naive-steps", type=int, default=1, help="timed steps of the naive loop (0 = skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -98,23 +98,30 @@ def main() -> None:
     n_patches, d_vision = (4, 32) if args.quick else (49, 768)
     steps = args.steps or (3 if args.quick else 5)
     print(f"LM {lm_name}, {n_patches} x {d_vision} random image features, batch {args.batch}, "
-          f"{args.targets} target tokens, teacher-forcing rate {args.tf_rate}, bf16 autocast, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}; median s per step (wall / CPU)")
-    print(f"{'LM tuning':<10} {'standard':>13} {'autoregressive':>15} {'ratio':>6} {'naive':>13} {'naive ratio':>12}")
+          f"{args.targets} target tokens, bf16 autocast, {torch.get_num_threads()} threads; "
+          f"median seconds per step (forward + backward), wall / CPU")
+    print("| LM tuning | objective | teacher forcing | s per step (wall / CPU) | vs standard (wall / CPU) |")
+    print("|---|---|---|---|---|")
+    rates = [float(r) for r in args.tf_rates.split(",")]
     for mode in args.tuning.split(","):
         lm = apply_tuning(load_lm(lm_name), TuningConfig(lm_tuning=mode, lora_dropout=0.0))
         vlm = PhiVLM(lm, d_vision, n_patches).train()
         batch = make_batch(lm.config.vocab_size, args.batch, n_patches, d_vision, args.targets, (12, 24))
-        timed(standard_step, vlm, batch, args.tf_rate), timed(autoregressive_step, vlm, batch, args.tf_rate)  # warm-up
-        ts, ta = [], []
-        for _ in range(steps):
-            ts.append(timed(standard_step, vlm, batch, args.tf_rate))
-            ta.append(timed(autoregressive_step, vlm, batch, args.tf_rate))
-        tn = [timed(naive_step, vlm, batch, args.tf_rate) for _ in range(args.naive_steps)]
-        (s, sc), (a, ac) = median(ts), median(ta)
-        n, nc = median(tn) if tn else (float("nan"),) * 2
-        print(f"{mode:<10} {s:>6.2f} / {sc:>4.2f} {a:>8.2f} / {ac:>4.2f} {a / s:>5.2f}x {n:>6.1f} / {nc:>4.1f} "
-              f"{n / s:>11.1f}x", flush=True)
+        runs = [("standard", "1 (always)", standard_step, 1.0)]
+        runs += [("autoregressive", f"{p:g}", autoregressive_step, p) for p in rates]
+        for _, _, step, p in runs:  # warm-up
+            timed(step, vlm, batch, p)
+        times: list[list[tuple[float, float]]] = [[] for _ in runs]
+        for _ in range(steps):  # interleaved, so a load change on a shared machine hits every objective
+            for t, (_, _, step, p) in zip(times, runs):
+                t.append(timed(step, vlm, batch, p))
+        if args.naive_steps:
+            runs.append(("naive prefix re-run", "1", naive_step, 1.0))
+            times.append([timed(naive_step, vlm, batch, 1.0) for _ in range(args.naive_steps)])
+        s, sc = median(times[0])
+        for (name, rate, _, _), t in zip(runs, times):
+            w, c = median(t)
+            print(f"| {mode} | {name} | {rate} | {w:.2f} / {c:.2f} | {w / s:.2f}x / {c / sc:.2f}x |", flush=True)
 
 
 def median(times: list[tuple[float, float]]) -> tuple[float, float]:

@@ -1,7 +1,10 @@
 """Shared fixtures: a per-session model cache and a small synthetic dataset (both built once)."""
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,127 @@ def tiny_tok():
     from phivlm.models.lm import load_tokenizer
 
     return {name: load_tokenizer(name) for name in ("tiny-phi", "tiny-llama")}
+
+
+# -- trained tiny checkpoints shared by test_tuning / test_reload / test_learnability -------------
+
+@contextmanager
+def _one_thread():
+    """Tiny models train several times faster single-threaded on a small CPU that other jobs share."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def tiny_run_config(out: Path, data: str, images: str, features: Path, lm: str = "tiny-phi", **train):
+    """A RunConfig for tiny-clip + ``lm`` on CPU in fp32; ``train`` overrides TrainConfig fields."""
+    from phivlm.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.model.vision, cfg.model.lm = "tiny-clip", lm
+    cfg.data.data, cfg.data.images, cfg.data.features = data, images, str(features)
+    cfg.data.template = "plain"
+    cfg.train.output, cfg.train.device, cfg.train.precision = str(out), "cpu", "fp32"
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.log_every = 4, 3, 1
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(out, data, images, features, lm="tiny-phi", **train_fields)`` -> RunConfig."""
+    return tiny_run_config
+
+
+@pytest.fixture
+def one_thread():
+    with _one_thread():
+        yield
+
+
+@dataclass
+class TrainedRun:
+    ckpt: Path  # the checkpoint folder train() wrote
+    vlm: object  # the in-memory model as training left it (not reloaded)
+    towers: list = field(default_factory=list)  # every VisionTower that train() built
+
+
+@pytest.fixture(scope="session")
+def train_run():
+    """``run(cfg, init)``: ``phivlm.train.loop.train`` capturing the in-memory model and vision towers."""
+    from phivlm.models.vision import VisionTower
+    from phivlm.train import loop
+
+    def run(cfg, init: Path | None = None) -> TrainedRun:
+        towers: list = []
+        saved: dict = {}
+        real_save = loop.save_checkpoint
+
+        class RecordingTower(VisionTower):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                towers.append(self)
+
+        def save(vlm, *args, **kwargs):
+            saved["vlm"] = vlm
+            return real_save(vlm, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp, _one_thread():
+            mp.setattr(loop, "VisionTower", RecordingTower)
+            mp.setattr(loop, "save_checkpoint", save)
+            ckpt = loop.train(cfg, init=init)
+        return TrainedRun(ckpt, saved["vlm"], towers)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def stage1_phi(synth_data, train_run, tmp_path_factory) -> TrainedRun:
+    """Stage 1 (projector + separator on captions, LM frozen): tiny-clip + tiny-phi, 3 steps."""
+    root = tmp_path_factory.mktemp("stage1-phi")
+    cfg = tiny_run_config(root / "run", synth_data["captions_train"], synth_data["images"], root / "features")
+    return train_run(cfg)
+
+
+def colour_conversations(instruct: str | Path, out: Path) -> Path:
+    """The colour turns of LLaVA conversations, one single-turn conversation each (same LLaVA format)."""
+    records = json.loads(Path(instruct).read_text())
+    kept = []
+    for rec in records:
+        conv = rec["conversations"]
+        for i, kind in enumerate(rec["types"]):
+            if kind == "color":
+                q = conv[2 * i]["value"].replace("<image>", "").strip()
+                kept.append({"id": f"{rec['id']}_{i}", "image": rec["image"], "conversations": [
+                    {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": conv[2 * i + 1]["value"]}]})
+    out.write_text(json.dumps(kept))
+    return out
+
+
+# Learnability recipe (see tests/test_learnability.py): the stage-1 LM is random and frozen, so stage 1
+# can only learn an image-independent soft prompt and is kept short; stage 2 tunes the LM fully.
+LEARN = dict(n_train=800, n_val=100, s1_steps=10, s2_steps=300, batch=32, lr=3e-3)
+
+
+@pytest.fixture(scope="session")
+def learned(train_run, tmp_path_factory) -> dict:
+    """Stage 1 + stage 2 (full tuning, ``auto`` template = ChatML) of tiny-clip + tiny-llama on synthetic
+    colour questions; a model that answers from the image (checked in test_learnability)."""
+    from phivlm.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("learned")
+    data = synthesize(root / "data", n_train=LEARN["n_train"], n_val=LEARN["n_val"], seed=0)
+    s1 = tiny_run_config(root / "stage1", data["captions_train"], data["images"], root / "features", lm="tiny-llama",
+                         max_steps=LEARN["s1_steps"], batch_size=LEARN["batch"], lr=1e-3, log_every=5)
+    stage1 = train_run(s1)
+    s2 = tiny_run_config(root / "stage2", str(colour_conversations(data["instruct_train"], root / "colour.json")),
+                         data["images"], root / "features", lm="tiny-llama", max_steps=LEARN["s2_steps"],
+                         batch_size=LEARN["batch"], lr=LEARN["lr"], lm_lr=LEARN["lr"], log_every=25)
+    s2.data.template, s2.tuning.lm_tuning = "auto", "full"
+    return {"data": data, "stage1": stage1, "stage2": train_run(s2, init=stage1.ckpt)}

@@ -61,18 +61,36 @@ def grads(vlm: PhiVLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_loss_and_grads(vlm: PhiVLM, batch: dict, tf_loss) -> None:
-    standard = vlm(**batch)
-    standard.backward()
-    g_std = grads(vlm)
-    loss = tf_loss()
+def assert_same_loss_and_grads(vlm: PhiVLM, batch: dict, run) -> None:
+    """``run()`` -> (autoregressive loss, batch whose standard loss it must equal); also compares gradients."""
+    loss, ref_batch = run()
     loss.backward()
     g_ar = grads(vlm)
+    standard = vlm(**ref_batch)
+    standard.backward()
+    g_std = grads(vlm)
     assert abs(loss.item() - standard.item()) < 1e-5
     assert set(g_ar) == set(g_std) and any(n.startswith("projector.") for n in g_std)
     assert any(n.startswith("lm.") for n in g_std) and "separator" in g_std
     for n in g_std:
         assert torch.allclose(g_ar[n], g_std[n], atol=1e-5, rtol=0), n
+
+
+def with_fed_tokens(batch: dict, fed: torch.Tensor, fed_mask: torch.Tensor) -> dict:
+    """The batch with the tokens the autoregressive loop fed as inputs (labels unchanged)."""
+    first = split_prompt(batch)[2]
+    ids = batch["input_ids"].clone()
+    for r in range(len(ids)):
+        k = int(fed_mask[r].sum())
+        ids[r, int(first[r]) : int(first[r]) + k] = fed[r, :k]
+    return {**batch, "input_ids": ids}
+
+
+def ar_run(vlm, batch, tf_rate, **kw):
+    def run():
+        res = autoregressive_loss(vlm, batch, tf_rate, **kw)
+        return res.loss, with_fed_tokens(batch, res.fed, res.fed_mask)
+    return run
 
 
 def test_split_prompt_left_aligns_prompts_and_keeps_all_targets(tiny_tok):
@@ -95,7 +113,17 @@ def test_split_prompt_left_aligns_prompts_and_keeps_all_targets(tiny_tok):
 def test_teacher_forced_equals_standard(tiny_tok, lm_name, tuning):
     vlm = make_vlm(lm_name, tuning)
     batch = make_batch(tiny_tok[lm_name], CONVERSATIONS)
-    assert_same_loss_and_grads(vlm, batch, lambda: autoregressive_loss(vlm, batch, 1.0).loss)
+    assert_same_loss_and_grads(vlm, batch, lambda: (autoregressive_loss(vlm, batch, 1.0).loss, batch))
+
+
+@pytest.mark.parametrize("tf_rate", [0.0, 0.5])
+def test_fed_predictions_equal_a_standard_pass_over_the_fed_tokens(tiny_tok, tf_rate):
+    """Token by token (p = 0) and in teacher-forced runs (p = 0.5): the cache loop computes exactly a
+    causal pass over the tokens it fed, with the ground truth as targets."""
+    vlm = make_vlm("tiny-phi")
+    batch = make_batch(tiny_tok["tiny-phi"], CONVERSATIONS)
+    gen = torch.Generator().manual_seed(3)
+    assert_same_loss_and_grads(vlm, batch, ar_run(vlm, batch, tf_rate, generator=gen))
 
 
 @pytest.mark.parametrize("lm_name", ["tiny-phi", "tiny-llama"])
@@ -138,14 +166,15 @@ def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(tiny_tok):
     calls = []
     attn = vlm.base_lm.model.layers[0].self_attn
     handle = attn.register_forward_hook(lambda *a: calls.append(1))
-    assert_same_loss_and_grads(vlm, batch, lambda: autoregressive_loss(vlm, batch, 1.0).loss)
+    assert_same_loss_and_grads(vlm, batch, ar_run(vlm, batch, 0.0))
     handle.remove()
-    n = int(split_prompt(batch)[5].sum(1).max())  # autoregressive: prefill + (n - 1) steps
-    assert len(calls) == 2 * (1 + n)  # standard and autoregressive passes, each replayed in backward
-    loss = autoregressive_loss(vlm, batch, 0.3).loss
-    loss.backward()
+    cont_labels = split_prompt(batch)[4]
+    steps = int((cont_labels[:, :-1] != -100).any(0).sum())  # p = 0: one step per fed target position
+    assert len(calls) == 2 * (1 + steps + 1)  # prefill, steps, standard pass: each replayed in backward
     g = grads(vlm)
-    assert torch.isfinite(loss) and any("lora_A" in n and v.abs().sum() > 0 for n, v in g.items())
+    assert not g
+    autoregressive_loss(vlm, batch, 0.3).loss.backward()
+    assert any("lora_A" in n and v.abs().sum() > 0 for n, v in grads(vlm).items())
 
 
 def test_weights_cast_once_under_autocast_changes_nothing(tiny_tok, monkeypatch):

@@ -169,8 +169,13 @@ def split_prompt(batch: dict):
 
 def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str = "greedy",
                         generator: torch.Generator | None = None) -> ARResult:
-    """Token-by-token loss on a KV cache; labelled tokens are fed as ground truth with probability
-    ``tf_rate``, else as the model's prediction (``greedy`` argmax or ``sample`` from the softmax)."""
+    """Autoregressive loss on a KV cache with scheduled sampling.
+
+    Each fed target position draws once (for the whole batch): with probability ``tf_rate`` the ground
+    truth, else each row's own prediction (``greedy`` argmax or a ``sample`` from the softmax). Only
+    positions fed a prediction need a step of their own: a run of teacher-forced positions goes
+    through the model in one pass over the cache, which gives the same result as feeding it token by
+    token (at ``tf_rate = 1``: one pass; at 0: one step per token)."""
     if feedback not in FEEDBACK:
         raise PhivlmError(f"unknown --feedback {feedback!r}; valid: {', '.join(FEEDBACK)}")
     prompt, prompt_mask, first, cont, cont_labels, live = split_prompt(batch)
@@ -178,38 +183,38 @@ def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str 
     width = prompt.shape[1]
     base = vlm.base_lm
     decoder, head, embed = base.get_decoder(), base.get_output_embeddings(), base.get_input_embeddings()
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, n)], 1)
-    fed = cont[:, :-1].clone()
-    states, targets = [], []
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, n - 1)], 1)
+    positions = vlm.position_ids(mask)
+    fed = cont[:, :-1].clone()  # the tokens fed after the prompt; own predictions go in at the cuts
+    own = torch.rand(n - 1, generator=generator) >= tf_rate
+    cuts = (own & (cont_labels[:, :-1] != IGNORE).any(0).cpu()).nonzero().squeeze(1).tolist()
+    states = []
     with _checkpointing_with_cache(base) as checkpointing, _frozen_weights_cast_once(base):
         cache = _ReplayCache(merge=not checkpointing)
-        # one query per step: plain attention is cheap, and the fused kernels' backward is far slower on CPU;
-        # a checkpointing replay runs outside this context, so it must then use the same kernel as the forward
-        one_query_attention = contextlib.nullcontext if checkpointing else partial(sdpa_kernel, SDPBackend.MATH)
-        # use_cache=False: the cache is passed explicitly (use_cache only asks the model to make one)
-        hidden = decoder(inputs_embeds=vlm.embed(prompt, batch["image_features"]), attention_mask=prompt_mask,
-                         position_ids=vlm.position_ids(prompt_mask), cache=cache, use_cache=False)[0][:, -1]
-        for j in range(n):
-            rows = (cont_labels[:, j] != IGNORE).nonzero().squeeze(1)
-            states.append(hidden[rows])
-            targets.append(cont_labels[rows, j])
-            if j == n - 1:
-                break
-            if tf_rate < 1.0 and len(rows):  # rows fed their own prediction
-                own = rows[torch.rand(len(rows), device=rows.device, generator=generator) >= tf_rate]
-                if len(own):
-                    with torch.no_grad():
-                        logits = head(hidden[own]).float()
-                        fed[own, j] = (logits.argmax(-1) if feedback == "greedy" else
-                                       torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1))
-            cache = cache.advanced()
-            with one_query_attention():
-                hidden = decoder(inputs_embeds=embed(fed[:, j : j + 1]), attention_mask=mask[:, : width + j + 1],
-                                 position_ids=(first + j)[:, None], cache=cache, use_cache=False)[0][:, -1]
-        # the loss's logits in one batched product (the loop only needs the ones it feeds back)
-        logits = head(torch.cat(states)).float()
-    loss = F.cross_entropy(logits, torch.cat(targets))
-    return ARResult(loss, fed, live[:, :-1])
+        # after the prompt, queries are few: plain attention is cheap there, and the fused kernels'
+        # backward is far slower on CPU. A checkpointing replay runs outside this context, so it must
+        # then use the kernel the forward used.
+        attention = contextlib.nullcontext if checkpointing else partial(sdpa_kernel, SDPBackend.MATH)
+        for i, (s, e) in enumerate(zip([0] + cuts, cuts + [n - 1])):
+            if i == 0:  # the prompt and the teacher-forced run after it
+                x, lo = vlm.embed(torch.cat([prompt, fed[:, :e]], 1), batch["image_features"]), 0
+            else:  # position s gets each row's own prediction (where it is a target)
+                rows = (cont_labels[:, s] != IGNORE).nonzero().squeeze(1)
+                with torch.no_grad():
+                    logits = head(states[-1][rows, -1]).float()
+                    fed[rows, s] = (logits.argmax(-1) if feedback == "greedy" else
+                                    torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1))
+                x, lo = embed(fed[:, s:e].clone()), width + s  # a copy: fed changes later
+                cache = cache.advanced()
+            with contextlib.nullcontext() if i == 0 else attention():
+                # use_cache=False: the cache is passed explicitly (use_cache only asks the model to make one)
+                hidden = decoder(inputs_embeds=x, attention_mask=mask[:, : width + e],
+                                 position_ids=positions[:, lo : width + e], cache=cache, use_cache=False)[0]
+            states.append(hidden[:, width - 1 :] if i == 0 else hidden)
+        predictors = torch.cat(states, 1)  # (B, n, d): the state that predicts each continuation position
+        targets = cont_labels != IGNORE
+        logits = head(predictors[targets]).float()  # logits only where there is a target
+    return ARResult(F.cross_entropy(logits, cont_labels[targets]), fed, live[:, :-1])
 
 
 # -- objectives ----------------------------------------------------------------------------------
