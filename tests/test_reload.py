@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from phivlm.data.synth import COLORS
+from phivlm.data.templates import encode_prompt
 from phivlm.generate import GenerationConfig
 from phivlm.infer import Assistant, caption, load_image
 from phivlm.qa import read_qa
@@ -77,6 +79,23 @@ def test_generate_in_fresh_process(learned, lora_run, questions, tmp_path, which
         convs = [[("user", a.first_turn(q["prompt"]))] for q in questions]
         assert a.answer(pics, convs, GEN) == fresh_answers
     assert sum(ans in COLORS for ans in fresh_answers) >= len(questions) // 2, fresh_answers  # a real model
+
+
+def test_lora_checkpoint_restores_adapter_and_base(learned, lora_run, questions):
+    """Reloaded LoRA-on-full model = the in-memory one, and measurably not its full-tuned base alone."""
+    image = load_image(Path(learned["data"]["images"]) / questions[0]["image"])
+    logits = {name: _first_logits(a, image, questions[0]["prompt"]) for name, a in (
+        ("memory", _in_memory(lora_run)), ("reloaded", Assistant(lora_run.ckpt, "cpu")),
+        ("base", Assistant(learned["stage2"].ckpt, "cpu")))}
+    torch.testing.assert_close(logits["reloaded"], logits["memory"], rtol=0, atol=1e-5)
+    assert (logits["reloaded"] - logits["base"]).abs().max() > 1e-3
+
+
+def _first_logits(a: Assistant, image, question: str) -> torch.Tensor:
+    turns = [("user", a.first_turn(question))]
+    ids = torch.tensor([encode_prompt(a.template, a.tok, turns, a.loaded.tower.num_patches)])
+    with torch.no_grad():
+        return a.loaded.vlm.prefill(ids, torch.ones_like(ids), a.features([image]))[0]
 
 
 def test_chat_in_fresh_process(learned):

@@ -50,8 +50,8 @@ def runs(synth_data, stage1_phi, train_run, tiny_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("tuning")
     tower_dir = Path(builtin.resolve("tiny-clip"))
     before = _tree_digest(tower_dir)
-    out = {mode: train_run(_stage2_config(tiny_config, synth_data, root / mode, root / "features", mode), init=stage1_phi.ckpt)
-           for mode in MODES}
+    out = {mode: train_run(_stage2_config(tiny_config, synth_data, root / mode, root / "features", mode),
+                           init=stage1_phi.ckpt) for mode in MODES}
     out["tower_files"] = (before, _tree_digest(tower_dir))
     return out
 
@@ -239,7 +239,7 @@ def _assert_same_answers(merged: Path, unmerged: Path, synth_data) -> None:
 
 
 def _val_images(synth_data, k: int = 2) -> list[str]:
-    return [json.loads(line)["image"] for line in Path(synth_data["qa_val"]).read_text().splitlines()][:: 7][:k]
+    return sorted({json.loads(line)["image"] for line in Path(synth_data["qa_val"]).read_text().splitlines()})[:k]
 
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
@@ -253,7 +253,9 @@ def test_merge_adds_the_adapters_to_the_base_weights(runs, original_lm, tmp_path
         key = _base_name(name) + ".weight"
         delta = scale * m.lora_B["default"].weight @ m.lora_A["default"].weight
         torch.testing.assert_close(weights[key], original_lm[key] + delta.detach(), rtol=0, atol=1e-5)
-    assert torch.equal(load_file(merged / PROJECTOR_FILE)["separator"], load_file(run.ckpt / PROJECTOR_FILE)["separator"])
+    projector, merged_projector = load_file(run.ckpt / PROJECTOR_FILE), load_file(merged / PROJECTOR_FILE)
+    assert projector.keys() == merged_projector.keys()
+    assert all(torch.equal(v, merged_projector[k]) for k, v in projector.items())
 
 
 def test_cli_merge_answers_like_unmerged(runs, synth_data, tmp_path):

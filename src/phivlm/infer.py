@@ -90,9 +90,11 @@ class Assistant:
             finally:
                 q.put(None)
 
-        threading.Thread(target=work, daemon=True).start()
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
         while (text := q.get()) is not None:
             yield text.strip()
+        worker.join()  # a thread still alive at interpreter exit aborts torch ("terminate called ...")
         if errors:
             raise errors[0]
 

@@ -1,12 +1,14 @@
-"""Training objectives: standard (one teacher-forced causal pass), autoregressive (token by token with
-scheduled sampling, on a KV cache) and mixed (a fixed share of standard steps, the rest autoregressive).
+"""Training objectives: standard (one teacher-forced causal pass), autoregressive (scheduled sampling
+on a KV cache) and mixed (a fixed share of standard steps, the rest autoregressive).
 
 The autoregressive objective runs the prompt (image, separator and everything before the first
-labelled token) once into a KV cache, then feeds one token per step. At a labelled position the token
-fed is the ground truth with probability ``p`` (the teacher-forcing rate), else the model's own
-prediction; unlabelled positions (later user turns) are always ground truth. Rows of a right-padded
-batch are re-packed so their prompts end at a common column (left padding), then step in lockstep.
-At ``p = 1`` the loss and gradients equal the standard objective's.
+labelled token) once into a KV cache, then goes through the rest of the sequence. At each labelled
+position one draw decides, for the whole batch, whether the ground truth is fed (probability ``p``,
+the teacher-forcing rate) or each row's own prediction; unlabelled positions (later user turns) are
+always ground truth. A prediction needs a step of its own; a run of ground-truth positions goes
+through the model in one pass over the cache, with the same result as feeding it token by token.
+Rows of a right-padded batch are re-packed so their prompts end at a common column (left padding)
+and advance in lockstep. At ``p = 1`` the loss and gradients equal the standard objective's.
 """
 from __future__ import annotations
 
@@ -138,7 +140,7 @@ def _frozen_weights_cast_once(lm: nn.Module):
 
 class ARResult(NamedTuple):
     loss: torch.Tensor  # mean cross-entropy over target tokens
-    fed: torch.Tensor  # (B, n-1) token fed at each step (after the prompt)
+    fed: torch.Tensor  # (B, n-1) the tokens fed after the prompt, from the first target on
     fed_mask: torch.Tensor  # (B, n-1) True where that token belongs to the sample (not finished/padding)
 
 
@@ -175,7 +177,8 @@ def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str 
     truth, else each row's own prediction (``greedy`` argmax or a ``sample`` from the softmax). Only
     positions fed a prediction need a step of their own: a run of teacher-forced positions goes
     through the model in one pass over the cache, which gives the same result as feeding it token by
-    token (at ``tf_rate = 1``: one pass; at 0: one step per token)."""
+    token (at ``tf_rate = 1``: one pass; at 0: one step per token). ``generator`` (a CPU generator)
+    makes the draws and samples reproducible."""
     if feedback not in FEEDBACK:
         raise PhivlmError(f"unknown --feedback {feedback!r}; valid: {', '.join(FEEDBACK)}")
     prompt, prompt_mask, first, cont, cont_labels, live = split_prompt(batch)
