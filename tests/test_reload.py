@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from phivlm.config import RunConfig
 from phivlm.data.synth import COLORS
 from phivlm.data.templates import encode_prompt
 from phivlm.generate import GenerationConfig
@@ -42,12 +43,10 @@ def _in_memory(run) -> Assistant:
 
 
 @pytest.fixture(scope="module")
-def lora_run(learned, train_run, tiny_config, tmp_path_factory):
+def lora_run(learned, train_run, tmp_path_factory):
     """LoRA stage 2 continued from the learned full checkpoint (its LM, in ``lm/``, is the base)."""
     full = learned["stage2"]
     root = tmp_path_factory.mktemp("lora-on-full")
-    from phivlm.config import RunConfig
-
     cfg = RunConfig.load(full.ckpt / "config.yaml")
     cfg.tuning.lm_tuning, cfg.tuning.lora_dropout = "lora", 0.0
     cfg.train.output, cfg.train.max_steps, cfg.train.lr, cfg.train.lm_lr = str(root / "run"), 5, 1e-3, 1e-2

@@ -38,7 +38,7 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 def _stage2_config(tiny_config, synth_data, out: Path, features: Path, mode: str):
     cfg = tiny_config(out, synth_data["instruct_train"], synth_data["images"], features,
-                          lr=1e-2, lm_lr=1e-3, max_steps=3)
+                      lr=1e-2, lm_lr=1e-3, max_steps=3)
     cfg.data.template = "auto"  # tiny-phi has no chat template -> the Phi-2 template
     cfg.tuning.lm_tuning = mode
     return cfg
@@ -264,7 +264,7 @@ def test_cli_merge_answers_like_unmerged(runs, synth_data, tmp_path):
     _assert_same_answers(tmp_path / "merged", ckpt, synth_data)
 
 
-def test_finetune_merge_flag(stage1_phi, synth_data, tmp_path, one_thread):
+def test_finetune_merge_flag(stage1_phi, synth_data, tmp_path):
     out = tmp_path / "ft"
     argv = ["finetune", "--checkpoint", str(stage1_phi.ckpt), "--data", synth_data["instruct_train"],
             "--images", synth_data["images"], "--features", str(tmp_path / "features"), "--output", str(out),
