@@ -61,6 +61,7 @@ def tiny_run_config(out: Path, data: str, images: str, features: Path, lm: str =
     cfg.train.output, cfg.train.device, cfg.train.precision = str(out), "cpu", "fp32"
     cfg.train.batch_size, cfg.train.max_steps, cfg.train.log_every = 4, 3, 1
     for k, v in train.items():
+        assert hasattr(cfg.train, k), f"no TrainConfig field {k!r}"
         setattr(cfg.train, k, v)
     return cfg
 
@@ -73,6 +74,7 @@ def tiny_config():
 
 @pytest.fixture
 def one_thread():
+    """torch single-threaded for the test (see ``_one_thread``)."""
     with _one_thread():
         yield
 
