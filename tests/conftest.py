@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models run fastest on one thread, and on a busy machine extra OpenMP threads only spin.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Built-in tiny models are materialised once per test session into this cache.
 os.environ.setdefault("PHIVLM_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
 

@@ -23,9 +23,19 @@ N_PATCHES, D_VISION = 4, 32
 CONVERSATIONS = [
     [("user", "<image>\nwhat shape is there?"), ("assistant", "a red circle"),
      ("user", "and the color of the square?"), ("assistant", "blue")],
-    [("user", "describe the picture\n<image>"), ("assistant", "two small green triangles at the top left of the image")],
+    [("user", "describe the picture\n<image>"),
+     ("assistant", "two small green triangles at the top left of the image")],
     [("user", "<image> how many objects?"), ("assistant", "three")],
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy machine a second thread mostly spins."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class _Store:
@@ -86,9 +96,11 @@ def with_fed_tokens(batch: dict, fed: torch.Tensor, fed_mask: torch.Tensor) -> d
     return {**batch, "input_ids": ids}
 
 
-def ar_run(vlm, batch, tf_rate, **kw):
+def ar_run(vlm, batch, tf_rate, results: list | None = None, **kw):
     def run():
         res = autoregressive_loss(vlm, batch, tf_rate, **kw)
+        if results is not None:
+            results.append(res)
         return res.loss, with_fed_tokens(batch, res.fed, res.fed_mask)
     return run
 
@@ -122,8 +134,12 @@ def test_fed_predictions_equal_a_standard_pass_over_the_fed_tokens(tiny_tok, tf_
     causal pass over the tokens it fed, with the ground truth as targets."""
     vlm = make_vlm("tiny-phi")
     batch = make_batch(tiny_tok["tiny-phi"], CONVERSATIONS)
-    gen = torch.Generator().manual_seed(3)
-    assert_same_loss_and_grads(vlm, batch, ar_run(vlm, batch, tf_rate, generator=gen))
+    gen, results = torch.Generator().manual_seed(3), []
+    assert_same_loss_and_grads(vlm, batch, ar_run(vlm, batch, tf_rate, results, generator=gen))
+    cont, cont_labels = split_prompt(batch)[3:5]
+    targets = cont_labels[:, :-1] != -100
+    own = (results[0].fed != cont[:, :-1])[targets]
+    assert own.any() and (tf_rate == 0.0 or not own.all())  # predictions fed; at 0.5 also ground truth
 
 
 @pytest.mark.parametrize("lm_name", ["tiny-phi", "tiny-llama"])
@@ -175,6 +191,25 @@ def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(tiny_tok):
     assert not g
     autoregressive_loss(vlm, batch, 0.3).loss.backward()
     assert any("lora_A" in n and v.abs().sum() > 0 for n, v in grads(vlm).items())
+
+
+def test_qlora_with_checkpointing_under_bf16(tiny_tok):
+    pytest.importorskip("bitsandbytes")
+    from phivlm.train.checkpoint import build_vlm
+
+    cfg = RunConfig()
+    cfg.model.lm, cfg.tuning.lm_tuning, cfg.tuning.gradient_checkpointing = "tiny-llama", "qlora", True
+    vlm, tok = build_vlm(cfg, D_VISION, N_PATCHES, torch.device("cpu"))
+    vlm.train()
+    batch = make_batch(tok, CONVERSATIONS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = autoregressive_loss(vlm, batch, 0.5, generator=torch.Generator().manual_seed(0))
+    res.loss.backward()
+    g = grads(vlm)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = vlm(**with_fed_tokens(batch, res.fed, res.fed_mask))
+    assert res.loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert any("lora_B" in n and v.abs().sum() > 0 for n, v in g.items()) and g["separator"].abs().sum() > 0
 
 
 def test_weights_cast_once_under_autocast_changes_nothing(tiny_tok, monkeypatch):
