@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 # (vision, lm, train images, stage-1 steps, stage-2 steps, batch, stage-2 lr)
 PRESETS = {
-    "default": ("clip-vit-b32", "smollm2-135m", 2000, 150, 450, 16, 5e-4),
+    "default": ("clip-vit-b32", "smollm2-135m", 2000, 100, 120, 16, 1e-3),
     "tiny": ("tiny-clip", "tiny-llama", 300, 40, 120, 16, 3e-3),
 }
 
@@ -46,7 +46,8 @@ def run_demo(args) -> int:
     s1, s2 = stage_configs(out, data, preset)
     ckpt1 = train(s1)
     ckpt2 = train(s2, init=ckpt1)
-    report, metrics = evaluate(ckpt2, [data["qa_val"]], data["images"], out / "eval", device=s2.train.device)
+    report, metrics = evaluate(ckpt2, [data["qa_val"]], data["images"], out / "eval", limit=400,
+                               device=s2.train.device)
     qa = metrics["tasks"]["qa"]
     acc = {c: s["vqa_accuracy"] for c, s in qa["scores"].items()}
     print(f"\nHeld-out questions ({qa['n']}), VQAv2 accuracy; baselines: image features zeroed (blind) or "
