@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-# Tiny models run fastest on one thread, and on a busy machine extra OpenMP threads only spin.
+# Tiny models run fastest on one thread, and on a busy machine extra OpenMP threads only spin:
+# one setting for the whole session (and, through the environment, for the CLI subprocesses).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
+torch.set_num_threads(1)
 
 # Built-in tiny models are materialised once per test session into this cache.
 os.environ.setdefault("PHIVLM_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
@@ -40,19 +43,6 @@ def tiny_tok():
 
 # -- trained tiny checkpoints shared by test_tuning / test_reload / test_learnability -------------
 
-@contextmanager
-def _one_thread():
-    """Tiny models train several times faster single-threaded on a small CPU that other jobs share."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def tiny_run_config(out: Path, data: str, images: str, features: Path, lm: str = "tiny-phi", **train):
     """A RunConfig for tiny-clip + ``lm`` on CPU in fp32; ``train`` overrides TrainConfig fields."""
     from phivlm.config import RunConfig
@@ -73,13 +63,6 @@ def tiny_run_config(out: Path, data: str, images: str, features: Path, lm: str =
 def tiny_config():
     """``tiny_config(out, data, images, features, lm="tiny-phi", **train_fields)`` -> RunConfig."""
     return tiny_run_config
-
-
-@pytest.fixture
-def one_thread():
-    """torch single-threaded for the test (see ``_one_thread``)."""
-    with _one_thread():
-        yield
 
 
 @dataclass
@@ -109,7 +92,7 @@ def train_run():
             saved["vlm"] = vlm
             return real_save(vlm, *args, **kwargs)
 
-        with pytest.MonkeyPatch.context() as mp, _one_thread():
+        with pytest.MonkeyPatch.context() as mp:
             mp.setattr(loop, "VisionTower", RecordingTower)
             mp.setattr(loop, "save_checkpoint", save)
             ckpt = loop.train(cfg, init=init)

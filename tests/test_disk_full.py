@@ -4,8 +4,6 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-import torch
-
 from phivlm.cli import main
 
 
@@ -14,7 +12,6 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_disk_full_during_checkpoint_keeps_previous(synth_data, tmp_path, monkeypatch, capsys):
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     args = ["pretrain", "--vision", "tiny-clip", "--lm", "tiny-phi", "--data", synth_data["captions_train"],
             "--images", synth_data["images"], "--features", str(tmp_path / "feat"), "--output", str(out),

@@ -194,16 +194,6 @@ def test_loss_plot_reads_the_last_run_and_draws_both_curves(tmp_path):
 
 # -- a trained tiny model, its training logs, the eval command and the report ----------------------
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny matrices: one torch thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained(synth_data, tmp_path_factory):
@@ -220,8 +210,7 @@ def trained(synth_data, tmp_path_factory):
     cfg.train.output, cfg.train.precision, cfg.train.device = str(out / "run"), "fp32", "cpu"
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.lm_lr = STEPS, 16, 3e-3, 3e-3
     cfg.train.log_every, cfg.train.eval_every = 10, 20
-    with one_thread():
-        return train(cfg)
+    return train(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +220,7 @@ def eval_run(trained, synth_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval") / "eval"
     printed = io.StringIO()
-    with one_thread(), contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed):
         code = main(["eval", "--checkpoint", str(trained), "--data", synth_data["qa_val"], "--captions",
                      synth_data["captions_val"], "--images", synth_data["images"], "--out", str(out),
                      "--device", "cpu"])
@@ -298,15 +287,14 @@ def test_baseline_predictions_are_the_model_on_replaced_features(trained, eval_r
     qa = [p for p in preds if p["task"] == "qa"]
     differ = [p for p in qa if p["model"] != p["shuffled"]][:3]  # so that the check is not vacuous
     checked = [p for p in qa if p["image"] in names[:2] and p not in differ] + differ
-    with one_thread():
-        for p in checked:
-            conv = [[("user", a.first_turn(p["prompt"]))]]
-            own, theirs = (open_rgb(image_path(synth_data["images"], n)) for n in (p["image"], other[p["image"]]))
-            assert other[p["image"]] != p["image"]
-            assert a.answer([own], conv, gen) == [p["model"]]
-            assert a.answer([theirs], conv, gen) == [p["shuffled"]]
-            zeros = torch.zeros_like(a.features([own]))
-            assert a.answer([], conv, gen, features=zeros) == [p["blind"]]
+    for p in checked:
+        conv = [[("user", a.first_turn(p["prompt"]))]]
+        own, theirs = (open_rgb(image_path(synth_data["images"], n)) for n in (p["image"], other[p["image"]]))
+        assert other[p["image"]] != p["image"]
+        assert a.answer([own], conv, gen) == [p["model"]]
+        assert a.answer([theirs], conv, gen) == [p["shuffled"]]
+        zeros = torch.zeros_like(a.features([own]))
+        assert a.answer([], conv, gen, features=zeros) == [p["blind"]]
     assert len(checked) >= 4 and differ
 
 
@@ -323,9 +311,8 @@ def test_eval_llava_input_without_baselines(trained, synth_data, tmp_path):
     from phivlm.cli import main
 
     out = tmp_path / "eval"
-    with one_thread():
-        code = main(["eval", "--checkpoint", str(trained.parent), "--data", synth_data["instruct_val"], "--images",
-                     synth_data["images"], "--out", str(out), "--limit", "2", "--no-baselines", "--device", "cpu"])
+    code = main(["eval", "--checkpoint", str(trained.parent), "--data", synth_data["instruct_val"], "--images",
+                 synth_data["images"], "--out", str(out), "--limit", "2", "--no-baselines", "--device", "cpu"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["conditions"] == ["model"] and list(metrics["tasks"]) == ["qa"]

@@ -113,15 +113,6 @@ def collect(proc: subprocess.Popen) -> dict:
     return json.loads(out.split("RESULTS", 1)[1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~10x faster than several fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_tower):
     """Every case: checkpoint, export, phivlm's reference and the fresh-process transformers results."""

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from phivlm.generate import GenerationConfig
 from phivlm.infer import Assistant
 from phivlm.qa import accuracy, answer_rows, normalize, read_qa, shuffled_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_colour_answers_come_from_the_image(learned):

@@ -23,7 +23,6 @@ from phivlm.generate import GenerationConfig
 from phivlm.infer import Assistant, caption, load_image
 from phivlm.qa import read_qa
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 GEN = GenerationConfig(max_new_tokens=8)
 
 

@@ -65,14 +65,6 @@ sys.exit(main(argv))
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """16 synthetic images with their features cached, and an (untrained) stage-1 checkpoint."""

@@ -24,7 +24,6 @@ from phivlm.models.vision import VisionTower
 from phivlm.train.checkpoint import PROJECTOR_FILE, load_checkpoint, merge_checkpoint
 from phivlm.train.tuning import apply_tuning, quantization_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODES = ("frozen", "lora", "qlora", "full")
 PHI_TARGETS = {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
