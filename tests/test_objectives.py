@@ -37,9 +37,9 @@ class _Store:
                             for n in names])
 
 
-def make_vlm(lm_name: str, tuning: str = "full", checkpointing: bool = False) -> PhiVLM:
+def make_vlm(lm_name: str, tuning: str = "full", checkpointing: bool = False, lora_dropout: float = 0.0) -> PhiVLM:
     torch.manual_seed(0)
-    lm = apply_tuning(load_lm(lm_name), TuningConfig(lm_tuning=tuning, lora_rank=4, lora_dropout=0.0,
+    lm = apply_tuning(load_lm(lm_name), TuningConfig(lm_tuning=tuning, lora_rank=4, lora_dropout=lora_dropout,
                                                      gradient_checkpointing=checkpointing))
     for name, p in lm.named_parameters():
         if "lora_B" in name:  # LoRA B starts at zero; make the adapters matter
@@ -121,8 +121,8 @@ def test_teacher_forced_equals_standard(tiny_tok, lm_name, tuning):
 
 @pytest.mark.parametrize("tf_rate", [0.0, 0.5])
 def test_fed_predictions_equal_a_standard_pass_over_the_fed_tokens(tiny_tok, tf_rate):
-    """Token by token (p = 0) and in teacher-forced runs (p = 0.5): the cache loop computes exactly a
-    causal pass over the tokens it fed, with the ground truth as targets."""
+    """Every position fed a prediction (p = 0) and a mix (p = 0.5): the loss and gradients are exactly a
+    causal pass over the tokens fed, with the ground truth as targets."""
     vlm = make_vlm("tiny-phi")
     batch = make_batch(tiny_tok["tiny-phi"], CONVERSATIONS)
     gen, results = torch.Generator().manual_seed(3), []
@@ -167,21 +167,60 @@ def test_sampled_feedback_is_seeded_and_mixes_truth_and_predictions(tiny_tok):
     assert 0 < same.float().mean() < 1
 
 
-def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(tiny_tok):
+def test_phase_one_decodes_without_a_graph_and_checkpointing_keeps_the_gradients(tiny_tok):
+    """Phase 1: one decoder call per position fed a prediction, without autograd and in eval mode (none at
+    p = 1). Phase 2: the standard pass, checkpointed like it, with the standard gradients over the fed tokens."""
     vlm = make_vlm("tiny-llama", "lora", checkpointing=True)
     batch = make_batch(tiny_tok["tiny-llama"], CONVERSATIONS)
-    calls = []
+    calls = []  # per call of the first layer's attention: (grad mode, training, output in a graph)
     attn = vlm.base_lm.model.layers[0].self_attn
-    handle = attn.register_forward_hook(lambda *a: calls.append(1))
-    assert_same_loss_and_grads(vlm, batch, ar_run(vlm, batch, 0.0))
-    handle.remove()
+    handle = attn.register_forward_hook(
+        lambda m, args, out: calls.append((torch.is_grad_enabled(), m.training, out[0].grad_fn is not None)))
+    res = autoregressive_loss(vlm, batch, 0.0)
     cont_labels = split_prompt(batch)[4]
-    steps = int((cont_labels[:, :-1] != -100).any(0).sum())  # p = 0: one step per fed target position
-    assert len(calls) == 2 * (1 + steps + 1)  # prefill, steps, standard pass: each replayed in backward
-    g = grads(vlm)
-    assert not g
-    autoregressive_loss(vlm, batch, 0.3).loss.backward()
-    assert any("lora_A" in n and v.abs().sum() > 0 for n, v in grads(vlm).items())
+    steps = int((cont_labels[:, :-1] != -100).any(0).sum())  # p = 0: every fed target position
+    assert steps >= 2 and calls == [(False, False, False)] * steps + [(True, True, True)]
+    res.loss.backward()
+    assert len(calls) == steps + 2  # backward replays only phase 2's forward
+    g_ar = grads(vlm)
+    calls.clear()
+    standard = vlm(**with_fed_tokens(batch, res.fed, res.fed_mask))
+    standard.backward()
+    g_std = grads(vlm)
+    assert abs(res.loss.item() - standard.item()) < 1e-5 and set(g_ar) == set(g_std)
+    assert any("lora_A" in n and v.abs().sum() > 0 for n, v in g_ar.items())
+    for n in g_std:
+        assert torch.allclose(g_ar[n], g_std[n], atol=1e-5, rtol=0), n
+    calls.clear()
+    autoregressive_loss(vlm, batch, 1.0)
+    assert calls == [(True, True, True)]  # p = 1: no phase 1
+    handle.remove()
+
+
+def test_dropout_does_not_change_phase_one_choices(tiny_tok, monkeypatch):
+    """Phase 1 runs in eval mode: with dropout in the model, the fed predictions are the eval-mode ones
+    whatever the dropout draws; phase 2 still trains with dropout; every module's own mode comes back."""
+    vlm = make_vlm("tiny-llama", "lora", lora_dropout=0.5)
+    batch = make_batch(tiny_tok["tiny-llama"], CONVERSATIONS)
+    with torch.no_grad():
+        vlm.eval()
+        ref = autoregressive_loss(vlm, batch, 0.0)
+        vlm.train()
+        vlm.projector.eval()  # a model in mixed modes keeps them
+        modes = {n: m.training for n, m in vlm.named_modules()}
+        runs = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            runs.append(autoregressive_loss(vlm, batch, 0.0))
+            assert {n: m.training for n, m in vlm.named_modules()} == modes
+        assert all(torch.equal(r.fed, ref.fed) for r in runs)
+        assert abs(runs[0].loss - runs[1].loss) > 1e-4  # the loss pass does use dropout
+        monkeypatch.setattr(objectives, "_eval_mode", lambda m: contextlib.nullcontext())
+        feds = []
+        for seed in (0, 1):  # control: decoded in training mode, dropout would change the choices
+            torch.manual_seed(seed)
+            feds.append(autoregressive_loss(vlm, batch, 0.0).fed)
+        assert not torch.equal(feds[0], feds[1])
 
 
 def test_qlora_with_checkpointing_under_bf16(tiny_tok):
@@ -203,22 +242,31 @@ def test_qlora_with_checkpointing_under_bf16(tiny_tok):
     assert any("lora_B" in n and v.abs().sum() > 0 for n, v in g.items()) and g["separator"].abs().sum() > 0
 
 
-def test_weights_cast_once_under_autocast_changes_nothing(tiny_tok, monkeypatch):
+def test_phase_one_casts_weights_once_under_autocast_and_changes_nothing(tiny_tok, monkeypatch):
+    """Under bf16 autocast phase 1 decodes with one bf16 copy of each fp32 Linear weight (autocast would
+    re-cast them at every step): same fed tokens, loss and gradients, and the fp32 parameters come back."""
     vlm = make_vlm("tiny-llama", "lora")
     batch = make_batch(tiny_tok["tiny-llama"], CONVERSATIONS)
     params = dict(vlm.named_parameters())
+    head_dtypes = []
+    handle = vlm.base_lm.get_output_embeddings().register_forward_pre_hook(
+        lambda m, args: head_dtypes.append(m.weight.dtype))
     results = []
     for cast_once in (True, False):
         if not cast_once:
-            monkeypatch.setattr(objectives, "_frozen_weights_cast_once", lambda lm: contextlib.nullcontext())
+            monkeypatch.setattr(objectives, "_linear_weights_cast_once", lambda m: contextlib.nullcontext())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = autoregressive_loss(vlm, batch, 1.0).loss
-        loss.backward()
-        results.append((loss.detach(), grads(vlm)))
+            res = autoregressive_loss(vlm, batch, 0.0)
+        res.loss.backward()
+        results.append((res.loss.detach(), res.fed, grads(vlm)))
+        if cast_once:
+            steps = len(head_dtypes) - 1
+            assert steps >= 2 and head_dtypes == [torch.bfloat16] * steps + [torch.float32]
+    handle.remove()
     assert dict(vlm.named_parameters()) == params  # the original fp32 parameters are back
     assert all(p.dtype == torch.float32 for p in params.values())
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(results[0][2][n], results[1][2][n]) for n in results[0][2])
 
 
 def test_schedules():

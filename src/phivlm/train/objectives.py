@@ -1,28 +1,31 @@
-"""Training objectives: standard (one teacher-forced causal pass), autoregressive (scheduled sampling
-on a KV cache) and mixed (a fixed share of standard steps, the rest autoregressive).
+"""Training objectives: standard (one teacher-forced causal pass), autoregressive (scheduled sampling)
+and mixed (a fixed share of standard steps, the rest autoregressive).
 
-The autoregressive objective runs the prompt (image, separator and everything before the first
-labelled token) once into a KV cache, then goes through the rest of the sequence. At each labelled
-position one draw decides, for the whole batch, whether the ground truth is fed (probability ``p``,
-the teacher-forcing rate) or each row's own prediction; unlabelled positions (later user turns) are
-always ground truth. A prediction needs a step of its own; a run of ground-truth positions goes
-through the model in one pass over the cache, with the same result as feeding it token by token.
-Rows of a right-padded batch are re-packed so their prompts end at a common column (left padding)
-and advance in lockstep. At ``p = 1`` the loss and gradients equal the standard objective's.
+The autoregressive objective works in two phases:
+
+1. Without gradients (and with dropout off), decide the tokens fed after the prompt. The prompt
+   (image, separator and everything before the first labelled token) is encoded once into a KV cache.
+   At each labelled position one draw decides, for the whole batch, whether the ground truth is fed
+   (probability ``p``, the teacher-forcing rate) or each row's own prediction (greedy argmax or a
+   sample); unlabelled positions (later user turns) are always ground truth. Only a position fed a
+   prediction needs a step of its own: a run of ground-truth positions goes through the model in one
+   chunk. Rows of a right-padded batch are re-packed so their prompts end at a common column (left
+   padding) and advance in lockstep.
+2. With gradients, one standard teacher-forced pass over the batch with those fed tokens as inputs
+   (labels unchanged). The fed tokens are discrete (argmax and sampling have no gradient), so this
+   gives exactly the loss and gradients of feeding them token by token with autograd through a KV
+   cache, at the cost of one standard step plus a no-grad decode. At ``p = 1`` phase 1 is skipped and
+   the loss and gradients are the standard objective's.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers import DynamicCache
 
 from ..config import TrainConfig
 from ..models.vlm import IGNORE, PhiVLM
@@ -53,82 +56,38 @@ def exponential(p0: float, p_min: float, step: int, decay_steps: int) -> float:
 
 
 # -- the autoregressive loss -------------------------------------------------------------------
-class _ReplayLayer(DynamicLayer):
-    """One layer's KV cache with a fixed past: ``update`` returns past + new without changing the past,
-    so a gradient-checkpointing replay of the layer sees exactly what the first run saw."""
-
-    def __init__(self, keys: tuple = (), values: tuple = (), merge: bool = True):
-        super().__init__()
-        self.past_keys, self.past_values, self.merge = keys, values, merge
-        self.is_initialized = bool(keys)
-        self.new: tuple = ()
-
-    def get_seq_length(self) -> int:
-        return sum(k.shape[-2] for k in self.past_keys)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = (*self.past_keys, key_states), (*self.past_values, value_states)
-        full_k = torch.cat(keys, -2) if len(keys) > 1 else key_states
-        full_v = torch.cat(values, -2) if len(values) > 1 else value_states
-        # merged: one tensor per layer; else per-step chunks (a checkpointing replay recomputes the cat)
-        self.new = ((full_k,), (full_v,)) if self.merge else (keys, values)
-        return full_k, full_v
-
-    def advanced(self) -> "_ReplayLayer":
-        return _ReplayLayer(*self.new, merge=self.merge)
-
-
-class _ReplayCache(Cache):
-    """A KV cache safe for training: each step gets a new cache object whose past never changes.
-
-    ``merge`` (no checkpointing) stores one concatenated tensor per layer; without it (checkpointing)
-    the past stays a tuple of per-step chunks, so memory stays linear in the sequence length.
-    """
-
-    def __init__(self, layers: list[_ReplayLayer] | None = None, merge: bool = True):
-        if layers is None:
-            super().__init__(layer_class_to_replicate=lambda: _ReplayLayer(merge=merge))
-        else:
-            super().__init__(layers=layers)
-
-    def advanced(self) -> "_ReplayCache":
-        return _ReplayCache([layer.advanced() for layer in self.layers])
-
-
 @contextlib.contextmanager
-def _checkpointing_with_cache(lm: nn.Module):
-    """Let gradient-checkpointed decoder layers keep the cache (transformers drops it otherwise; our
-    cache is replay-safe). Yields whether checkpointing is active."""
-    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
-    active = lm.training and torch.is_grad_enabled() and any(m.gradient_checkpointing for m in layers)
-    for m in layers:
-        m._can_checkpoint_with_cache = True
+def _eval_mode(module: nn.Module):
+    """Dropout off for the block; every submodule's own training flag is restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        yield active
+        yield
     finally:
-        for m in layers:
-            del m._can_checkpoint_with_cache
+        for m, training in modes:
+            m.training = training
 
 
 @contextlib.contextmanager
-def _frozen_weights_cast_once(lm: nn.Module):
-    """Under autocast, give frozen fp32 ``nn.Linear`` weights a low-precision copy for the whole loop.
+def _linear_weights_cast_once(module: nn.Module):
+    """Under autocast, give every fp32 ``nn.Linear`` a low-precision copy of its weight and bias for
+    the block (no-grad use only: the copies are not the parameters).
 
-    Autocast caches casts of trainable weights only; frozen ones would be re-cast (and a new copy kept
-    for backward) at every step. The copy holds the values autocast would produce, so results do not
-    change. The embedding table keeps its fp32 weight (a tied LM head gets its own copy)."""
-    dev = next(lm.parameters()).device.type
+    Autocast would cast them again at every decoding step (it never caches casts of frozen weights).
+    The copies hold the values autocast would produce, so results do not change. The embedding table
+    keeps its fp32 weight (a tied LM head gets its own copy); the originals are put back after."""
+    dev = next(module.parameters()).device.type
     if not torch.is_autocast_enabled(dev):
         yield
         return
     dtype = torch.get_autocast_dtype(dev)
     swapped = []
-    for m in lm.modules():
+    for m in module.modules():
         if type(m) is not nn.Linear:
             continue
         for name in ("weight", "bias"):
             p = m._parameters.get(name)
-            if p is not None and p.dtype == torch.float32 and not p.requires_grad:
+            if p is not None and p.dtype == torch.float32:
                 swapped.append((m, name, p))
                 m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
     try:
@@ -169,55 +128,59 @@ def split_prompt(batch: dict):
     return prompt, in_prompt.long(), first, cont, cont_labels, live
 
 
-def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str = "greedy",
-                        generator: torch.Generator | None = None) -> ARResult:
-    """Autoregressive loss on a KV cache with scheduled sampling.
-
-    Each fed target position draws once (for the whole batch): with probability ``tf_rate`` the ground
-    truth, else each row's own prediction (``greedy`` argmax or a ``sample`` from the softmax). Only
-    positions fed a prediction need a step of their own: a run of teacher-forced positions goes
-    through the model in one pass over the cache, which gives the same result as feeding it token by
-    token (at ``tf_rate = 1``: one pass; at 0: one step per token). ``generator`` (a CPU generator)
-    makes the draws and samples reproducible."""
-    if feedback not in FEEDBACK:
-        raise PhivlmError(f"unknown --feedback {feedback!r}; valid: {', '.join(FEEDBACK)}")
-    prompt, prompt_mask, first, cont, cont_labels, live = split_prompt(batch)
-    b, n = cont.shape
+@torch.no_grad()
+def _feed_predictions(vlm: PhiVLM, image_features: torch.Tensor, prompt: torch.Tensor,
+                      prompt_mask: torch.Tensor, fed: torch.Tensor, cont_labels: torch.Tensor,
+                      cuts: list[int], feedback: str, generator: torch.Generator | None) -> None:
+    """Phase 1: write each row's own prediction into ``fed`` at the positions ``cuts`` (rows where that
+    position is a target), in eval mode on an ordinary KV cache. One decoder call per cut: the first
+    encodes the prompt and the ground truth up to the first cut, each later one the previous cut's
+    prediction and the ground truth after it."""
     width = prompt.shape[1]
     base = vlm.base_lm
     decoder, head, embed = base.get_decoder(), base.get_output_embeddings(), base.get_input_embeddings()
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, n - 1)], 1)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(fed.shape)], 1)
     positions = vlm.position_ids(mask)
+    cache = DynamicCache(config=base.config)
+    with _eval_mode(vlm), _linear_weights_cast_once(vlm):
+        for i, c in enumerate(cuts):
+            if i == 0:
+                x, lo = vlm.embed(torch.cat([prompt, fed[:, :c]], 1), image_features), 0
+            else:
+                x, lo = embed(fed[:, cuts[i - 1] : c]), width + cuts[i - 1]
+            hidden = decoder(inputs_embeds=x, attention_mask=mask[:, : width + c],
+                             position_ids=positions[:, lo : width + c], cache=cache, use_cache=True)[0]
+            rows = (cont_labels[:, c] != IGNORE).nonzero().squeeze(1)
+            logits = head(hidden[rows, -1]).float()
+            fed[rows, c] = (logits.argmax(-1) if feedback == "greedy" else
+                            torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1))
+
+
+def autoregressive_loss(vlm: PhiVLM, batch: dict, tf_rate: float, feedback: str = "greedy",
+                        generator: torch.Generator | None = None) -> ARResult:
+    """Autoregressive loss with scheduled sampling (see the module docstring for the two phases).
+
+    Each target position draws once (for the whole batch): with probability ``tf_rate`` the ground
+    truth is fed, else each row's own prediction (``greedy`` argmax or a ``sample`` from the softmax),
+    decided without gradients and with dropout off. The loss is then one standard teacher-forced pass
+    over the fed tokens. ``generator`` (a CPU generator) makes the draws and samples reproducible."""
+    if feedback not in FEEDBACK:
+        raise PhivlmError(f"unknown --feedback {feedback!r}; valid: {', '.join(FEEDBACK)}")
+    prompt, prompt_mask, first, cont, cont_labels, live = split_prompt(batch)
+    n = cont.shape[1]
     fed = cont[:, :-1].clone()  # the tokens fed after the prompt; own predictions go in at the cuts
-    own = torch.rand(n - 1, generator=generator) >= tf_rate
-    cuts = (own & (cont_labels[:, :-1] != IGNORE).any(0).cpu()).nonzero().squeeze(1).tolist()
-    states = []
-    with _checkpointing_with_cache(base) as checkpointing, _frozen_weights_cast_once(base):
-        cache = _ReplayCache(merge=not checkpointing)
-        # after the prompt, queries are few: plain attention is cheap there, and the fused kernels'
-        # backward is far slower on CPU. A checkpointing replay runs outside this context, so it must
-        # then use the kernel the forward used.
-        attention = contextlib.nullcontext if checkpointing else partial(sdpa_kernel, SDPBackend.MATH)
-        for i, (s, e) in enumerate(zip([0] + cuts, cuts + [n - 1])):
-            if i == 0:  # the prompt and the teacher-forced run after it
-                x, lo = vlm.embed(torch.cat([prompt, fed[:, :e]], 1), batch["image_features"]), 0
-            else:  # position s gets each row's own prediction (where it is a target)
-                rows = (cont_labels[:, s] != IGNORE).nonzero().squeeze(1)
-                with torch.no_grad():
-                    logits = head(states[-1][rows, -1]).float()
-                    fed[rows, s] = (logits.argmax(-1) if feedback == "greedy" else
-                                    torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1))
-                x, lo = embed(fed[:, s:e].clone()), width + s  # a copy: fed changes later
-                cache = cache.advanced()
-            with contextlib.nullcontext() if i == 0 else attention():
-                # use_cache=False: the cache is passed explicitly (use_cache only asks the model to make one)
-                hidden = decoder(inputs_embeds=x, attention_mask=mask[:, : width + e],
-                                 position_ids=positions[:, lo : width + e], cache=cache, use_cache=False)[0]
-            states.append(hidden[:, width - 1 :] if i == 0 else hidden)
-        predictors = torch.cat(states, 1)  # (B, n, d): the state that predicts each continuation position
-        targets = cont_labels != IGNORE
-        logits = head(predictors[targets]).float()  # logits only where there is a target
-    return ARResult(F.cross_entropy(logits, cont_labels[targets]), fed, live[:, :-1])
+    cuts = []
+    if tf_rate < 1 and n > 1:
+        own = torch.rand(n - 1, generator=generator) >= tf_rate
+        cuts = (own & (cont_labels[:, :-1] != IGNORE).any(0).cpu()).nonzero().squeeze(1).tolist()
+    if not cuts:  # all ground truth: the standard pass
+        return ARResult(vlm(**batch), fed, live[:, :-1])
+    _feed_predictions(vlm, batch["image_features"], prompt, prompt_mask, fed, cont_labels, cuts, feedback,
+                      generator)
+    ids = batch["input_ids"].clone()
+    rows, cols = live[:, :-1].nonzero(as_tuple=True)
+    ids[rows, first[rows] + cols] = fed[rows, cols]
+    return ARResult(vlm(**{**batch, "input_ids": ids}), fed, live[:, :-1])
 
 
 # -- objectives ----------------------------------------------------------------------------------
@@ -252,7 +215,8 @@ class Standard(Objective):
 
 @OBJECTIVES.register("autoregressive")
 class Autoregressive(Objective):
-    """Token by token on a KV cache, feeding back the model's predictions at rate 1 - p (scheduled sampling)."""
+    """Scheduled sampling: the model's own predictions fed back at rate 1 - p (decided on a KV cache
+    without gradients), then one teacher-forced pass over the fed tokens."""
 
     def __call__(self, vlm, batch, step, total_steps):
         return autoregressive_loss(vlm, batch, self.tf_rate(step, total_steps), self.cfg.feedback).loss
