@@ -145,3 +145,22 @@ def learned(train_run, tmp_path_factory) -> dict:
                          batch_size=LEARN["batch"], lr=LEARN["lr"], lm_lr=LEARN["lr"], log_every=25)
     s2.data.template, s2.tuning.lm_tuning = "auto", "full"
     return {"data": data, "stage1": stage1, "stage2": train_run(s2, init=stage1.ckpt)}
+
+
+@pytest.fixture(scope="session")
+def learned_eval(learned, tmp_path_factory) -> dict:
+    """``phivlm eval`` of the ``learned`` stage-2 checkpoint on the held-out colour questions, with the blind
+    and shuffled-image baselines: ``{"out", "metrics", "predictions", "questions"}`` (one eval run, shared)."""
+    from phivlm.cli import main
+
+    data = learned["data"]
+    root = tmp_path_factory.mktemp("learned-eval")
+    rows = [json.loads(line) for line in Path(data["qa_val"]).read_text().splitlines() if line.strip()]
+    questions = root / "colour_val.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows if r["type"] == "color"))
+    out = root / "eval"
+    assert main(["eval", "--checkpoint", str(learned["stage2"].ckpt), "--data", str(questions), "--images",
+                 data["images"], "--out", str(out), "--device", "cpu"]) == 0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "predictions": predictions,
+            "questions": questions}

@@ -21,33 +21,27 @@ from __future__ import annotations
 
 import json
 
-
-from phivlm.generate import GenerationConfig
-from phivlm.infer import Assistant
-from phivlm.qa import accuracy, answer_rows, normalize, read_qa, shuffled_images
+from phivlm.evaluate.vqa import normalize_answer, vqa_accuracy
 
 
-
-def test_colour_answers_come_from_the_image(learned):
-    data = learned["data"]
-    rows = [r for r in read_qa(data["qa_val"]) if r["type"] == "color"]
-    assistant = Assistant(learned["stage2"].ckpt, "cpu")
-    gen = GenerationConfig(max_new_tokens=8)
-    preds = answer_rows(assistant, rows, data["images"], gen=gen)
-    shuffled = answer_rows(assistant, rows, data["images"], images=shuffled_images(rows), gen=gen)
-    acc, acc_shuffled = accuracy(rows, preds)["color"], accuracy(rows, shuffled)["color"]
+def test_colour_answers_come_from_the_image(learned, learned_eval):
+    """Scored by ``phivlm eval`` (conftest ``learned_eval``: the held-out colour questions, VQAv2 scoring,
+    the shuffled-image baseline giving each image another image's features)."""
+    data, preds = learned["data"], learned_eval["predictions"]
+    scores = learned_eval["metrics"]["tasks"]["qa"]["scores"]
+    acc, acc_shuffled = (scores[c]["vqa_accuracy"]["color"] for c in ("model", "shuffled"))
 
     n_objects = {im["file_name"]: len(im["objects"]) for im in json.loads(open(data["captions_val"]).read())["images"]}
-    single = [i for i, r in enumerate(rows) if n_objects[r["image"]] == 1]
-    hit = lambda ps, i: normalize(ps[i]) == normalize(rows[i]["answer"])  # noqa: E731
-    acc_single = sum(hit(preds, i) for i in single) / len(single)
-    acc_single_shuffled = sum(hit(shuffled, i) for i in single) / len(single)
+    single = [p for p in preds if n_objects[p["image"]] == 1]
+    acc_single, acc_single_shuffled = (sum(vqa_accuracy(p[c], p["refs"]) for p in single) / len(single)
+                                       for c in ("model", "shuffled"))
     report = (f"colour {acc:.2f} (shuffled images {acc_shuffled:.2f}); one-object images {acc_single:.2f} "
-              f"(shuffled {acc_single_shuffled:.2f}, n={len(single)}); {len(rows)} questions")
+              f"(shuffled {acc_single_shuffled:.2f}, n={len(single)}); {len(preds)} questions")
     print(report)  # shown with pytest -rP
 
-    assert len(rows) >= 150 and len(single) >= 15, report
-    assert len(set(map(normalize, preds))) >= 4, f"answers hardly vary: {report}"  # not one constant guess
+    assert len(preds) >= 150 and len(single) >= 15, report
+    assert all(p["type"] == "color" for p in preds), report
+    assert len({normalize_answer(p["model"]) for p in preds}) >= 4, f"answers hardly vary: {report}"  # not one guess
     assert acc >= 0.35, report  # chance is 1/6; naming a colour present in the image gives ~0.5
     assert acc - acc_shuffled >= 0.20, report
     assert acc_single >= 0.75 and acc_single - acc_single_shuffled >= 0.5, report

@@ -21,7 +21,7 @@ from phivlm.data.synth import COLORS
 from phivlm.data.templates import encode_prompt
 from phivlm.generate import GenerationConfig
 from phivlm.infer import Assistant, caption, load_image
-from phivlm.qa import read_qa
+from phivlm.evaluate.run import read_task
 
 GEN = GenerationConfig(max_new_tokens=8)
 
@@ -55,8 +55,8 @@ def lora_run(learned, train_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def questions(learned) -> list[dict]:
     data = learned["data"]
-    rows = [r for r in read_qa(data["qa_val"]) if r["type"] == "color"][:8]
-    return [{"image": r["image"], "prompt": r["question"]} for r in rows]
+    items = [it for it in read_task(data["qa_val"])[1] if it.type == "color"][:8]
+    return [{"image": it.image, "prompt": it.prompt} for it in items]
 
 
 @pytest.mark.parametrize("which", ["full", "lora"])
@@ -98,8 +98,8 @@ def _first_logits(a: Assistant, image, question: str) -> torch.Tensor:
 
 def test_chat_in_fresh_process(learned):
     run = learned["stage2"]
-    row = read_qa(learned["data"]["qa_val"])[0]
-    image = Path(learned["data"]["images"]) / row["image"]
+    first = read_task(learned["data"]["qa_val"])[1][0]
+    image = Path(learned["data"]["images"]) / first.image
     q1, q2 = "What color is the circle?", "What color is the square?"
     out = _cli("chat", "--checkpoint", str(run.ckpt), "--image", str(image), "--device", "cpu",
                "--max-new-tokens", str(GEN.max_new_tokens), stdin=f"{q1}\n{q2}\n\n")
@@ -116,7 +116,7 @@ def test_chat_in_fresh_process(learned):
 
 def test_caption_stage1_checkpoint(learned):
     run = learned["stage1"]
-    names = sorted({r["image"] for r in read_qa(learned["data"]["qa_val"])})[:2]
+    names = sorted({it.image for it in read_task(learned["data"]["qa_val"])[1]})[:2]
     images = [str(Path(learned["data"]["images"]) / n) for n in names]
     out = _cli("caption", "--checkpoint", str(run.ckpt), "--image", *images, "--device", "cpu",
                "--max-new-tokens", "12")
