@@ -121,6 +121,7 @@ def _assemble(loaded: Loaded):
     processor = build_processor(tok, tower.processor, cfg.data.template, clip_cfg.patch_size)
     check_prompts(processor, loaded.tok, cfg.data.template, tower.num_patches, clip_cfg.image_size)
     clip = CLIPVisionModel.from_pretrained(builtin.resolve(cfg.model.vision), dtype=torch.float32)  # all layers
+    vlm.fold_feature_norm()  # the exported projector takes the tower's raw features
     parts = Parts(lm=vlm.base_lm, clip=clip, projector=vlm.projector, separator=vlm.separator.detach(),
                   projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
                   feature_layer=cfg.model.feature_layer, num_image_tokens=tower.num_patches,

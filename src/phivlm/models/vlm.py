@@ -17,6 +17,29 @@ SEP_ID = -2
 IGNORE = -100
 
 
+class FeatureNorm(nn.Module):
+    """Per-dimension standardisation of the frozen tower's features, with statistics of the training
+    images (set once by ``fit`` before stage 1, then saved with the projector).
+
+    Features of a tower without pretrained weights (the built-in ``clip-vit-b32``) are ~96% one shared
+    vector (norm ~37 of ~38): the image-specific part is small next to it, and the projector learns
+    far faster from standardised inputs. For pretrained CLIP it is a harmless affine reparametrisation."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
+
+    @torch.no_grad()
+    def fit(self, feats: torch.Tensor) -> None:
+        flat = feats.reshape(-1, feats.shape[-1]).float()
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0).clamp(min=1e-4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
 class PhiVLM(nn.Module):
     def __init__(self, lm: nn.Module, d_vision: int, num_image_tokens: int, projector: str = "residual",
                  projector_depth: int = 2):
@@ -24,6 +47,7 @@ class PhiVLM(nn.Module):
         self.lm = lm
         d_lm = lm.get_input_embeddings().embedding_dim
         self.num_image_tokens = num_image_tokens
+        self.feature_norm = FeatureNorm(d_vision)
         self.projector = build_projector(projector, d_vision, d_lm, projector_depth)
         std = lm.get_input_embeddings().weight.detach().float().std().item()
         self.separator = nn.Parameter(torch.randn(d_lm) * std)
@@ -35,10 +59,22 @@ class PhiVLM(nn.Module):
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Projector and separator weights (always saved with a checkpoint)."""
+        """Feature statistics, projector and separator weights (always saved with a checkpoint)."""
         sd = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        sd.update({f"feature_norm.{k}": v for k, v in self.feature_norm.state_dict().items()})
         sd["separator"] = self.separator.data
         return sd
+
+    @torch.no_grad()
+    def fold_feature_norm(self) -> None:
+        """Fold the feature standardisation into the projector's first Linear (exact up to rounding),
+        leaving an identity ``feature_norm``: exports then need no extra layer."""
+        first = next(m for m in self.projector.modules() if isinstance(m, nn.Linear))
+        mean, std = self.feature_norm.mean.to(first.weight), self.feature_norm.std.to(first.weight)
+        first.weight.div_(std)
+        first.bias.sub_(first.weight @ mean)
+        self.feature_norm.mean.zero_()
+        self.feature_norm.std.fill_(1.0)
 
     # -- inputs --------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
@@ -49,7 +85,7 @@ class PhiVLM(nn.Module):
         n_slots, n_feats = int(img_mask.sum()), image_features.shape[0] * image_features.shape[1]
         if n_slots != n_feats:
             raise ValueError(f"batch has {n_slots} image slots but {n_feats} image feature vectors")
-        img = self.projector(image_features.to(self.projector_dtype)).to(text.dtype)
+        img = self.projector(self.feature_norm(image_features).to(self.projector_dtype)).to(text.dtype)
         embeds = text.masked_scatter(img_mask.unsqueeze(-1), img.reshape(-1, img.shape[-1]))
         return torch.where((input_ids == SEP_ID).unsqueeze(-1), self.separator.to(text.dtype), embeds)
 

@@ -97,6 +97,8 @@ def load_projector(vlm: PhiVLM, ckpt: Path) -> None:
                               f"(LM hidden size here: {vlm.separator.numel()}, in checkpoint: {sd['separator'].numel()})")
     with torch.no_grad():
         vlm.separator.copy_(sd.pop("separator"))
+        vlm.feature_norm.load_state_dict({k.removeprefix("feature_norm."): sd.pop(k) for k in list(sd)
+                                          if k.startswith("feature_norm.")})
         vlm.projector.load_state_dict({k.removeprefix("projector."): v for k, v in sd.items()})
 
 
@@ -108,10 +110,22 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: dict | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint atomically: into a temporary folder, fsync, then rename into place.
 
-    ``extra`` writes more files into the folder before it is committed (e.g. the training state)."""
+    ``extra`` writes more files into the folder before it is committed (e.g. the training state).
+    ``weights``: tensors to write instead of the model's own, keyed as in ``vlm.state_dict()`` (the trainable
+    parameters and the buffers at least), e.g. gathered from FSDP shards."""
+    own = vlm.trainable_state_dict()
+    lm_weights = None  # None: the LM's own
+    if weights is not None:
+        own = {k: weights[k] for k in own}
+        lm_weights = {k.removeprefix("lm."): v for k, v in weights.items() if k.startswith("lm.")}
+        first: dict[int, str] = {}  # tied parameters (embeddings = LM head) come as copies: share them again,
+        for name, p in vlm.lm.named_parameters(remove_duplicate=False):  # so save_pretrained sees them tied
+            if name in lm_weights:
+                lm_weights[name] = lm_weights[first.setdefault(id(p), name)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -119,12 +133,11 @@ def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: di
     tmp.mkdir()
     try:
         cfg.save(tmp / "config.yaml")
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in vlm.trainable_state_dict().items()},
-                  str(tmp / PROJECTOR_FILE))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in own.items()}, str(tmp / PROJECTOR_FILE))
         if cfg.tuning.lm_tuning in ("lora", "qlora"):
-            vlm.lm.save_pretrained(tmp / "adapter")
+            vlm.lm.save_pretrained(tmp / "adapter", state_dict=lm_weights)
         elif cfg.tuning.lm_tuning == "full":
-            vlm.base_lm.save_pretrained(tmp / "lm")
+            vlm.base_lm.save_pretrained(tmp / "lm", state_dict=lm_weights)
             tok.save_pretrained(tmp / "lm")
         (tmp / "state.json").write_text(json.dumps(state or {}, indent=1))
         if extra is not None:
