@@ -209,3 +209,43 @@ def test_feature_layer_matches_unmodified_clip(tiny_tower, layer):
     n_layers = clip.config.num_hidden_layers
     assert len(tower.model.vision_model.encoder.layers if hasattr(tower.model, "vision_model")
                else tower.model.encoder.layers) == layer % (n_layers + 1)  # later layers never run
+
+
+# -- feature standardisation -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "residual"])
+def test_feature_norm_standardises_and_folds_into_the_projector(name):
+    torch.manual_seed(0)
+    lm = load_lm("tiny-llama")
+    vlm = PhiVLM(lm, D_V, P, name, 2)
+    shared = torch.randn(D_V) * 5  # features dominated by one shared vector, as with a random tower
+    feats = shared + 0.1 * torch.randn(64, P, D_V)
+    x = feats[:4]
+    before = vlm.projector(x)
+    assert torch.allclose(vlm.projector(vlm.feature_norm(x)), before)  # identity until fitted
+    vlm.feature_norm.fit(feats)
+    z = vlm.feature_norm(feats).reshape(-1, D_V)
+    assert z.mean(0).abs().max() < 1e-4 and (z.std(0) - 1).abs().max() < 1e-4
+    with torch.no_grad():
+        normed = vlm.projector(vlm.feature_norm(x))
+        vlm.fold_feature_norm()
+        assert torch.equal(vlm.feature_norm(x), x)  # identity again
+        assert torch.allclose(vlm.projector(x), normed, atol=1e-4)  # same function, raw features in
+    assert set(vlm.trainable_state_dict()) >= {"feature_norm.mean", "feature_norm.std", "separator"}
+
+
+def test_training_fits_feature_norm_once_and_checkpoint_keeps_it(synth_data, tmp_path, tiny_config):
+    from phivlm.train.checkpoint import load_checkpoint
+    from phivlm.train.loop import train
+
+    cfg = tiny_config(tmp_path / "s1", synth_data["captions_train"], synth_data["images"], tmp_path / "feat",
+                      max_steps=2)
+    ckpt = train(cfg)
+    vlm = load_checkpoint(ckpt).vlm
+    mean, std = vlm.feature_norm.mean.clone(), vlm.feature_norm.std.clone()
+    assert mean.abs().sum() > 0 and not torch.allclose(std, torch.ones_like(std))
+    cfg2 = tiny_config(tmp_path / "s2", synth_data["instruct_train"], synth_data["images"], tmp_path / "feat",
+                       max_steps=2)
+    cfg2.data.template, cfg2.data.limit = "auto", 8  # other images: the stage-1 statistics must stay
+    again = load_checkpoint(train(cfg2, init=ckpt)).vlm
+    assert torch.equal(again.feature_norm.mean, mean) and torch.equal(again.feature_norm.std, std)
