@@ -150,7 +150,7 @@ SPLIT = ("--max-steps", "3", "--lora-dropout", "0", "--lr", "1e-3", "--lm-lr", "
 
 def assert_moved(ckpt: Path, stage1: Path) -> None:
     w, w0 = weights(ckpt), load_file(str(stage1 / "projector.safetensors"))
-    assert min((w[k] - w0[k]).abs().max().item() for k in w0) > 5e-4
+    assert min((w[k] - w0[k]).abs().max().item() for k in w0 if not k.startswith("feature_norm.")) > 5e-4  # fixed stats
     assert min(v.abs().max().item() for k, v in w.items() if "lora_B" in k) > 5e-4  # LoRA B starts at zero
 
 

@@ -71,9 +71,12 @@ def cmd_features(args) -> int:
     return 0
 
 
-def launch_torchrun(args) -> None:
+def launch_torchrun(args, defaults: RunConfig) -> None:
     """``--nproc N``: re-run this very command under torchrun with N processes on this machine."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.fsdp import check
+
+        check(config_from_args(args, defaults))  # a refused --fsdp combination: one message, not one per process
         argv = sys.argv[1:]
         i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
         del argv[i:i + (1 if "=" in argv[i] else 2)]
@@ -84,7 +87,7 @@ def launch_torchrun(args) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    launch_torchrun(args)  # before the heavy imports: under --nproc this process only re-executes itself
+    launch_torchrun(args, pretrain_defaults())  # before the heavy imports: under --nproc this process re-executes
     from .train.loop import train
 
     cfg = config_from_args(args, pretrain_defaults())
@@ -93,7 +96,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    launch_torchrun(args)
+    launch_torchrun(args, finetune_defaults())
     from .train.checkpoint import merge_checkpoint, resolve_checkpoint
     from .train.loop import train
 

@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 8  # per process and micro-batch; global batch = batch_size x processes x grad_accum
     grad_accum: int = 1  # micro-batches per optimizer step
     group_by_length: bool = False  # batch samples of similar length together (less padding)
+    fsdp: str = "none"  # none (DDP) | full (shard params, grads, optimizer state: ZeRO-3) | grad-op (ZeRO-2)
     lr: float = 1e-3  # projector + separator
     lm_lr: float = 2e-4  # LoRA adapters / LM weights
     weight_decay: float = 0.0

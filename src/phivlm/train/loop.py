@@ -25,7 +25,7 @@ from ..models.vision import VisionTower
 from ..models.vlm import PhiVLM
 from ..registry import Interrupted, PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
-from . import distributed, state
+from . import distributed, fsdp, state
 from .checkpoint import build_vlm, resolve_checkpoint, save_checkpoint
 from .objectives import build_objective
 from .sampler import StepBatches
@@ -82,14 +82,16 @@ def param_groups(vlm: PhiVLM, cfg: RunConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate_loss(vlm: PhiVLM, loader: DataLoader, device, precision: str) -> float:
+def evaluate_loss(vlm: PhiVLM, loader: DataLoader, device, precision: str, forward=None) -> float:
+    """The standard loss over ``loader``; ``forward(batch)`` computes it (default ``vlm(**batch)``)."""
+    forward = forward or (lambda batch: vlm(**batch))
     was = vlm.training
     vlm.eval()
     total, n = 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
-            loss = vlm(**batch)
+            loss = forward(batch)
         k = int((batch["labels"][:, 1:] != -100).sum())
         total, n = total + float(loss) * k, n + k
     vlm.train(was)
@@ -97,14 +99,15 @@ def evaluate_loss(vlm: PhiVLM, loader: DataLoader, device, precision: str) -> fl
 
 
 class _Step(nn.Module):
-    """Runs the objective inside ``forward``, so DDP sees every forward pass it must synchronise."""
+    """Runs the objective inside ``forward``, so DDP sees every forward pass it must synchronise (and FSDP
+    gathers the parameters outside the decoder layers around it); ``standard``: the standard loss instead."""
 
     def __init__(self, vlm: PhiVLM, objective):
         super().__init__()
         self.vlm, self.objective = vlm, objective
 
-    def forward(self, batch: dict, step: int, steps: int) -> torch.Tensor:
-        return self.objective(self.vlm, batch, step, steps)
+    def forward(self, batch: dict, step: int, steps: int, standard: bool = False) -> torch.Tensor:
+        return self.vlm(**batch) if standard else self.objective(self.vlm, batch, step, steps)
 
 
 class _MicroBatches:
@@ -170,9 +173,15 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
         init = resume
     seed_everything(cfg.train.seed)
     check_template_name(cfg.data.template)  # fail on a bad name before any loading
+    fsdp.check(cfg)
+    sharded = cfg.train.fsdp != "none" and dist.world > 1
+    if cfg.train.fsdp != "none" and not sharded:
+        log.warning("--fsdp %s with one process: nothing to shard, training unsharded", cfg.train.fsdp)
     objective = build_objective(cfg.train)
     tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
-    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init)
+    # FSDP: built whole on the CPU, then sharded onto the device
+    build_on = torch.device("cpu") if sharded else device
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, build_on, init)
     cfg.data.template = resolve_template_name(cfg.data.template, tok)
     template = get_template(cfg.data.template)
     if init is not None and (init / "lm").is_dir():
@@ -191,12 +200,16 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     batches = StepBatches(ds.lengths(), t.batch_size, t.seed, dist.world, dist.rank, t.grad_accum,
                           t.group_by_length)
     steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
+    step_module = _Step(vlm, objective)
+    if sharded:
+        fsdp.shard(step_module, vlm.base_lm, t.fsdp, device)  # parameters are replaced: before the optimizer
     params = [p for g in param_groups(vlm, cfg) for p in g["params"]]
     opt = torch.optim.AdamW(param_groups(vlm, cfg), weight_decay=t.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(t.warmup_ratio * steps), steps)
-    start = state.restore(resume, opt, sched) if resume is not None else 0
-    model: nn.Module = _Step(vlm, objective)
-    if dist.world > 1:
+    start = 0 if resume is None else state.restore(
+        resume, opt, sched, lambda osd: fsdp.load_optimizer_state(step_module, opt, osd, sharded))
+    model: nn.Module = step_module
+    if dist.world > 1 and not sharded:
         model = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     # its own generator: iterating must not draw from the global RNG just restored (dropout would shift)
@@ -211,8 +224,20 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     vlm.train()
     logf = open(out / "log.jsonl", "a") if dist.main else None
     tb = SummaryWriter(str(out / "tb")) if dist.main else None
-    vloader = None if val is None or not dist.main else DataLoader(
+    # FSDP: every rank takes part in validation (the parameters are sharded); else rank 0 alone validates
+    vloader = None if val is None or not (dist.main or sharded) else DataLoader(
         val[0], batch_size=t.batch_size, collate_fn=Collator(val[1], tok.pad_token_id))
+
+    def validate() -> float:
+        if not sharded:
+            return evaluate_loss(vlm, vloader, device, t.precision)
+        loss = evaluate_loss(vlm, vloader, device, t.precision, lambda b: step_module(b, 0, 0, standard=True))
+        step_module.reshard()  # the root keeps its gathered parameters after a forward
+        return loss
+
+    def gathered():
+        """(weights, optimizer state) to save: gathered whole from the shards under FSDP (all ranks call it)."""
+        return (fsdp.full_state(step_module), fsdp.full_optimizer_state(step_module, opt)) if sharded else (None, opt)
 
     def record(rec: dict) -> None:
         logf.write(json.dumps(rec) + "\n")
@@ -222,8 +247,11 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                 tb.add_scalar(k, v, rec["step"])
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(vlm, cfg, tok, state.step_dir(out, step), {"step": step}, extra=state.writer(opt, sched, step))
-        state.rotate(out, t.keep_last)
+        weights, opt_state = gathered()
+        if dist.main:
+            save_checkpoint(vlm, cfg, tok, state.step_dir(out, step), {"step": step},
+                            extra=state.writer(opt_state, sched, step), weights=weights)
+            state.rotate(out, t.keep_last)
 
     t0, running, n_nonfinite = time.time(), [], 0
     micro_iter = iter(loader)
@@ -237,7 +265,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
             for j, batch in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 n = _n_labels(batch)
-                sync = dist.world == 1 or j == len(micro) - 1
+                sync = dist.world == 1 or sharded or j == len(micro) - 1  # FSDP reduce-scatters every micro-batch
                 with contextlib.nullcontext() if sync else model.no_sync():
                     with autocast(device, t.precision):
                         loss = model(batch, step, steps)
@@ -280,20 +308,24 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                 record(rec)
                 running = []
             if vloader is not None and t.eval_every and done % t.eval_every == 0 and done < steps:
-                record({"step": done, "val_loss": evaluate_loss(vlm, vloader, device, t.precision)})
+                vloss = validate()
+                if dist.main:
+                    record({"step": done, "val_loss": vloss})
             stop = done < steps and dist.sum(float(sigint["set"])) > 0  # after the last step: just finish
-            if dist.main and done < steps and (stop or (t.save_every and done % t.save_every == 0)):
+            if (dist.main or sharded) and done < steps and (stop or (t.save_every and done % t.save_every == 0)):
                 checkpoint(done)
             if stop:
                 dist.barrier()
                 raise Interrupted(f"interrupted at step {done}; resumable checkpoint {state.step_dir(out, done)}"
                                   f" (run the same command again to resume)")
     if vloader is not None:
-        vloss = evaluate_loss(vlm, vloader, device, t.precision)
-        record({"step": steps, "val_loss": vloss})
-        log.info("validation loss %.4f", vloss)
+        vloss = validate()
+        if dist.main:
+            record({"step": steps, "val_loss": vloss})
+            log.info("validation loss %.4f", vloss)
     if n_nonfinite:
         log.warning("%d batches with a non-finite loss were skipped", n_nonfinite)
+    weights = fsdp.full_state(step_module) if sharded else None
     if not dist.main:
         dist.barrier()
         return out / "checkpoint"
@@ -304,7 +336,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
             f.writelines(json.dumps(s) + "\n" for s in skipped)
         log.warning("%d bad samples skipped; see %s", len(skipped), out / "skipped.jsonl")
     ckpt = save_checkpoint(vlm, cfg, tok, out / "checkpoint", {"step": steps, "elapsed_s": time.time() - t0,
-                                                               "nonfinite_skipped": n_nonfinite})
+                                                               "nonfinite_skipped": n_nonfinite}, weights=weights)
     dist.barrier()
     log.info("checkpoint written to %s (%.0f s)", ckpt, time.time() - t0)
     return ckpt

@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,10 +47,12 @@ def rotate(output: Path, keep: int) -> None:
 
 
 def writer(opt, sched, step: int):
-    """A function that writes the training state into a checkpoint folder (for ``save_checkpoint``)."""
+    """A function that writes the training state into a checkpoint folder (for ``save_checkpoint``).
+    ``opt``: the optimizer, or its state dict (one gathered from FSDP shards)."""
 
     def write(folder: Path) -> None:
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        optimizer = opt if isinstance(opt, dict) else opt.state_dict()
+        torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    folder / TRAINER_FILE)
@@ -61,14 +64,15 @@ def writer(opt, sched, step: int):
     return write
 
 
-def restore(folder: Path, opt, sched) -> int:
-    """Load optimizer, scheduler and RNG states; returns the step to continue from."""
+def restore(folder: Path, opt, sched, load_optimizer: Callable[[dict], None] | None = None) -> int:
+    """Load optimizer, scheduler and RNG states; returns the step to continue from. ``load_optimizer`` loads the
+    saved optimizer state instead of ``opt.load_state_dict`` (e.g. into an FSDP-sharded optimizer)."""
     try:
         state = torch.load(folder / TRAINER_FILE, weights_only=True)
         rng = json.loads((folder / "rng.json").read_text())
     except (OSError, RuntimeError, ValueError) as e:
         raise PhivlmError(f"{folder}: cannot read training state ({type(e).__name__})") from None
-    opt.load_state_dict(state["optimizer"])
+    (load_optimizer or opt.load_state_dict)(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
