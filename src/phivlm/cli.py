@@ -218,6 +218,19 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_bench, summary
+
+    cfg = BenchConfig(quick=args.quick, vision=args.vision, lm=args.lm, batch_size=args.batch_size,
+                      batches=args.batches, rounds=args.rounds, images=args.images, new_tokens=args.new_tokens,
+                      threads=args.threads, figures=args.figures, workdir=args.workdir, profile=args.profile)
+    res = run_bench(cfg, args.out)
+    print(summary(res))
+    if args.out:
+        print(f"results written to {args.out}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--tiny", action="store_true", help="tiny random models (seconds, for tests)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="speed and memory against the transformers Llava reference (see BENCHMARKS.md)")
+    s.add_argument("--quick", action="store_true", help="tiny models, a smoke run of seconds")
+    s.add_argument("--out", help="write every figure to this JSON file")
+    s.add_argument("--figures", default="stage1,stage2,features,generation", help="comma-separated subset")
+    s.add_argument("--threads", type=int, default=0, help="torch threads for both contenders (default: "
+                                                          "OMP_NUM_THREADS, else torch's choice)")
+    s.add_argument("--rounds", type=int, default=0, help="timed rounds per figure (default 4; 2 with --quick)")
+    s.add_argument("--batches", type=int, default=0, help="distinct training batches cycled (default 2)")
+    s.add_argument("--batch-size", type=int, default=0, help="training batch (default 8; 4 with --quick)")
+    s.add_argument("--images", type=int, default=0, help="synthetic images (default 64; 16 with --quick)")
+    s.add_argument("--new-tokens", type=int, default=0, help="generated tokens (default 32; 4 with --quick)")
+    s.add_argument("--vision", default="", help="vision tower (default clip-vit-b32; tiny-clip with --quick)")
+    s.add_argument("--lm", default="", help="LM (default smollm2-135m; tiny-llama with --quick); its LM head "
+                                            "must have no bias (the Llava reference has none)")
+    s.add_argument("--workdir", default="", help="keep the synthetic data and caches here (default: a temp folder)")
+    s.add_argument("--profile", default="", help="also write torch.profiler tables of one step of each contender here")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

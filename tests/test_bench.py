@@ -1,0 +1,81 @@
+"""`phivlm bench --quick`: the benchmark runs end to end on the tiny models and reports every figure.
+
+No timing assertions (the machine is shared): only that each figure is present, finite and positive, that
+the two contenders compute the same function (first losses, generated tokens) and that the analytic FLOP
+count agrees with torch's FlopCounterMode.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from phivlm.cli import main
+
+FIGURES = {
+    "stage1": ["speedup", "speedup_cpu"],
+    "stage2": ["speedup", "speedup_cpu"],
+    "features": ["speedup"],
+    "generation": ["speedup", "speedup_tokens_per_s", "speedup_ttft"],
+}
+TRAINING = ["step_s", "step_cpu_s", "samples_per_s", "tokens_per_s", "flops_per_step", "forward_flops_per_step",
+            "backward_flops_per_step", "achieved_gflops", "mfu", "mfu_vs_adjacent_probe", "trainable_params"]
+PER_CONTENDER = {"stage1": TRAINING, "stage2": TRAINING, "features": ["images_per_s"],
+                 "generation": ["total_s", "ttft_s", "tokens_per_s", "end_to_end_tokens_per_s"]}
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_every_figure_present_finite_positive(quick):
+    for fig, keys in FIGURES.items():
+        assert fig in quick, fig
+        for k in keys:
+            assert positive(quick[fig][k]), (fig, k, quick[fig][k])
+        for who in ("phivlm", "reference"):
+            for k in PER_CONTENDER[fig]:
+                assert positive(quick[fig][who][k]), (fig, who, k, quick[fig][who][k])
+            mem = quick[fig][who]["memory"]
+            assert positive(mem["held_mb"]) and positive(mem["peak_mb"]) and mem["step_mb"] >= 0, (fig, who, mem)
+    peak = quick["matmul_peak"]
+    assert positive(peak["peak_gflops"]) and positive(peak["median_gflops"])
+    assert set(quick["goals"]) == {"stage1_speedup", "stage2_speedup", "stage2_mfu", "generation_speedup"}
+    for g in quick["goals"].values():
+        assert positive(g["value"]) and isinstance(g["met"], bool)
+    assert positive(quick["machine"]["threads"]) and len(quick["machine"]["loadavg_start"]) == 3
+
+
+def test_contenders_compute_the_same_function(quick):
+    for fig in ("stage1", "stage2"):
+        s = quick[fig]
+        assert s["loss_abs_diff"] < 0.05 * s["first_loss"]["reference"], s["first_loss"]  # bf16 rounding only
+        # the reference does more matmul work (vision tower, logits everywhere), never less
+        assert s["reference"]["flops_per_step"] > s["phivlm"]["flops_per_step"]
+        # the same trained parameters, but for phivlm's separator vector (d_lm values)
+        assert 0 < s["phivlm"]["trainable_params"] - s["reference"]["trainable_params"] <= 4096
+    assert quick["generation"]["tokens"] == {"phivlm": 4, "reference": 4}
+
+
+def test_flop_count_matches_torch_flop_counter(quick):
+    """Linear + convolution FLOPs from the hooks equal FlopCounterMode's count (which on CPU leaves out the
+    attention kernel, as the hooks' dense count does)."""
+    for fig in ("stage1", "stage2"):
+        for who in ("phivlm", "reference"):
+            c = quick[fig][who]["flop_check"]
+            assert c["hooks_dense_flops"] == pytest.approx(c["flop_counter_mode_flops"], rel=0.01), (fig, who, c)
+
+
+def test_table_renders(quick):
+    from phivlm.bench import table
+
+    text = table(quick)
+    assert text.count("\n") >= 15 and "stage 2 (LoRA): samples/s" in text and "nan" not in text
