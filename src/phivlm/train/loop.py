@@ -72,6 +72,15 @@ def load_data(cfg: RunConfig, tower: VisionTower, path: str, template, tok, devi
     return ds, store
 
 
+FEATURE_STATS_IMAGES = 1024  # images whose cached features give the feature standardisation
+
+
+def fit_feature_norm(vlm: PhiVLM, ds: VLMDataset, store) -> None:
+    """Set the feature standardisation from the training images (a fixed, sorted subset: every rank agrees)."""
+    names = sorted({image for image, _, _ in ds.items})[:FEATURE_STATS_IMAGES]
+    vlm.feature_norm.fit(store.get(names))
+
+
 def param_groups(vlm: PhiVLM, cfg: RunConfig) -> list[dict]:
     own = list(vlm.projector.parameters()) + [vlm.separator]
     lm = [p for p in vlm.lm.parameters() if p.requires_grad]
@@ -191,6 +200,8 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
         dist.barrier()  # rank 0 fills the feature cache first
     ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped)
     val = load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped) if cfg.data.val_data else None
+    if init is None:  # a new projector: its input statistics come from this run's data
+        fit_feature_norm(vlm, ds, store)
     if dist.main:
         cfg.save(out / "config.yaml")
         dist.barrier()
