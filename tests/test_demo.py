@@ -1,0 +1,30 @@
+"""The demo's console output: held-out questions with the expected, the model's and the shuffled-image answers."""
+from __future__ import annotations
+
+import json
+
+from phivlm.demo import PRESETS, print_examples, stage_configs
+
+
+def test_examples_show_expected_model_and_shuffled_answers_per_type(tmp_path, capsys):
+    rows = [{"image": f"{i}.png", "prompt": f"q{i} about {t}?", "refs": [f"ref{i}"], "type": t,
+             "model": f"ans{i}", "blind": "x", "shuffled": f"shuf{i}"}
+            for i, t in enumerate(["color", "color", "color", "count", "shape"])]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print_examples(path, per_type=2)
+    out = capsys.readouterr().out.splitlines()
+    body = [line.split() for line in out if line.startswith("q") and not line.startswith("question")]
+    assert [b[0] for b in body] == ["q0", "q1", "q3", "q4"]  # at most 2 per type, in file order
+    assert body[0][-3:] == ["ref0", "ans0", "shuf0"]
+    assert "expected" in out[1] and "shuffled" in out[1]
+
+
+def test_stage_configs_chain_stage1_into_lora_stage2(tmp_path):
+    data = {k: str(tmp_path / k) for k in ("captions_train", "instruct_train", "instruct_val", "images")}
+    s1, s2 = stage_configs(tmp_path, data, "default")
+    vision, lm, _, s1_steps, s2_steps, batch, lr = PRESETS["default"]
+    assert (s1.model.vision, s1.model.lm, s1.data.template, s1.tuning.lm_tuning) == (vision, lm, "plain", "frozen")
+    assert (s2.data.data, s2.tuning.lm_tuning, s2.train.max_steps, s2.train.lm_lr) == (
+        data["instruct_train"], "lora", s2_steps, lr)
+    assert s1.data.features == s2.data.features  # one feature cache serves both stages
