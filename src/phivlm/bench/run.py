@@ -459,7 +459,8 @@ def _machine(cfg: BenchConfig) -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
@@ -470,6 +471,11 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"config": dataclasses.asdict(cfg), "machine": _machine(cfg)}
     res["machine"]["loadavg_start"] = list(os.getloadavg())
+    busy = os.getloadavg()[0]
+    if cfg.threads > 1 and busy + cfg.threads > (os.cpu_count() or 1) and not os.environ.get("OMP_WAIT_POLICY"):
+        log.warning("load average %.1f on %d cores: with %d threads, OpenMP threads spin waiting for each other when "
+                    "one is descheduled (steps here were up to 12x slower); set OMP_WAIT_POLICY=PASSIVE or use "
+                    "--threads 1", busy, os.cpu_count(), cfg.threads)
     try:
         log.info("bench: %s + %s, %d threads, figures %s", cfg.vision, cfg.lm, cfg.threads, cfg.figures)
         env = Env(cfg, work)
@@ -509,7 +515,10 @@ def table(res: dict) -> str:
 
     def goal(key: str) -> str:
         g = goals.get(key)
-        return f"≥ {g['goal']:g}{'×' if 'speedup' in key else ''}: {'met' if g['met'] else 'missed'}" if g else ""
+        if not g:
+            return ""
+        target = f"{g['goal']:g}×" if "speedup" in key else f"{100 * g['goal']:g}%"
+        return f"≥ {target}: {'met' if g['met'] else 'missed'}"
 
     for fig, title in (("stage1", "stage 1 (LM frozen)"), ("stage2", "stage 2 (LoRA)")):
         if fig not in res:
