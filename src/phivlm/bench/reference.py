@@ -3,7 +3,8 @@ same CLIP vision weights, the same LM weights and the same projector as the phiv
 
 The vocabulary grows by two rows, ``<image>`` (zeros; its embeddings are replaced by image features) and
 ``<image_sep>`` (phivlm's separator vector), so the reference computes the same function as phivlm's
-``mlp2x_gelu`` model: the same loss on the same batch (checked by the benchmark). The vision tower runs
+``mlp2x_gelu`` model (its feature standardisation, where it has one, folded into the first Linear): the
+same loss on the same batch (checked by the benchmark). The vision tower runs
 every step (all its layers: Llava asks for the hidden states and picks layer ``vision_feature_layer``),
 logits are computed at every position, and the loss is Llava's own (``labels=``).
 """
@@ -36,17 +37,23 @@ class Reference:
         model = LlavaForConditionalGeneration(config).float()
         state = dict(lm.base_model.state_dict())
         emb = lm.get_input_embeddings().weight.detach()
-        key = next(k for k, v in lm.base_model.named_parameters(remove_duplicate=False) if v is lm.get_input_embeddings().weight)
+        key = next(k for k, v in lm.base_model.named_parameters(remove_duplicate=False)
+                   if v is lm.get_input_embeddings().weight)
         grown = torch.cat([emb.float(), emb.new_zeros(2, emb.shape[1]).float()])
         grown[self.sep_id] = vlm.separator.detach().float()
         state[key] = grown
         proj = vlm.projector
         if not (isinstance(proj, nn.Sequential) and len(proj) == 3):
             raise ValueError("the Llava reference needs phivlm's mlp2x_gelu projector (Linear-GELU-Linear)")
+        first = {k: v.detach().clone() for k, v in proj[0].state_dict().items()}
+        norm = getattr(vlm, "feature_norm", None)  # phivlm's feature standardisation, folded in (exact up to rounding)
+        if norm is not None:
+            first["weight"] = first["weight"] / norm.std.to(first["weight"])
+            first["bias"] = first["bias"] - first["weight"] @ norm.mean.to(first["weight"])
         with torch.no_grad():
             model.model.language_model.load_state_dict(state)
             model.model.vision_tower.load_state_dict(clip.state_dict())
-            model.model.multi_modal_projector.linear_1.load_state_dict(proj[0].state_dict())
+            model.model.multi_modal_projector.linear_1.load_state_dict(first)
             model.model.multi_modal_projector.linear_2.load_state_dict(proj[2].state_dict())
             if model.lm_head.weight is not model.get_input_embeddings().weight:  # untied head: its own rows
                 head = lm.get_output_embeddings().weight.detach().float()

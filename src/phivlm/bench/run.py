@@ -140,7 +140,10 @@ def _vlm(env: Env):
 
     torch.manual_seed(env.cfg.seed)
     lm = load_lm(env.cfg.lm).requires_grad_(False)
-    return PhiVLM(lm, env.tower.hidden_size, env.tower.num_patches, projector="mlp2x_gelu")
+    vlm = PhiVLM(lm, env.tower.hidden_size, env.tower.num_patches, projector="mlp2x_gelu")
+    if hasattr(vlm, "feature_norm"):  # as training does: feature statistics of the training images
+        vlm.feature_norm.fit(env.store.get(env.image_names))
+    return vlm
 
 
 # -- stages 1 and 2 --------------------------------------------------------------------------------------
@@ -181,7 +184,8 @@ def training_figure(env: Env, stage: int) -> dict:
     ref.model.train()
     own = list(vlm.projector.parameters()) + [vlm.separator]
     lm_params = [p for p in vlm.lm.parameters() if p.requires_grad]
-    opt_p = torch.optim.AdamW([{"params": own, "lr": 1e-3}] + ([{"params": lm_params, "lr": 2e-4}] if lm_params else []))
+    groups = [{"params": own, "lr": 1e-3}] + ([{"params": lm_params, "lr": 2e-4}] if lm_params else [])
+    opt_p = torch.optim.AdamW(groups)
     opt_r = torch.optim.AdamW(ref.trainable(), lr=1e-3)
     trainable = {"phivlm": sum(p.numel() for p in own + lm_params),
                  "reference": sum(p.numel() for p in ref.trainable())}
