@@ -512,6 +512,14 @@ def _f(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _memory_row(title: str, p: dict, r: dict, ratio: bool = False) -> str:
+    """The table row "memory MB, held + step = peak" of phivlm (``p``) and the reference (``r``)."""
+    def cell(m: dict) -> str:
+        return f"{m['held_mb']:.0f} + {m['step_mb']:.0f} = {m['peak_mb']:.0f}"
+    less = f" {r['memory']['peak_mb'] / p['memory']['peak_mb']:.2f}× less " if ratio else " "
+    return f"| {title}: memory MB, held + step = peak | {cell(p['memory'])} | {cell(r['memory'])} |{less}| |"
+
+
 def table(res: dict) -> str:
     """The results as a Markdown table (phivlm, reference, phivlm's advantage, goal)."""
     rows = ["| figure | phivlm | reference (Llava) | phivlm vs reference | goal |", "|---|---|---|---|---|"]
@@ -539,18 +547,13 @@ def table(res: dict) -> str:
         rows.append(f"| {title}: achieved GFLOP/s, MFU | {p['achieved_gflops']:.0f}, **{100 * p['mfu']:.1f}%** | "
                     f"{r['achieved_gflops']:.0f}, {100 * r['mfu']:.1f}% | | "
                     f"{goal('stage2_mfu') if fig == 'stage2' else ''} |")
-        rows.append(f"| {title}: memory MB, held + step = peak | {p['memory']['held_mb']:.0f} + "
-                    f"{p['memory']['step_mb']:.0f} = {p['memory']['peak_mb']:.0f} | {r['memory']['held_mb']:.0f} + "
-                    f"{r['memory']['step_mb']:.0f} = {r['memory']['peak_mb']:.0f} | "
-                    f"{r['memory']['peak_mb'] / p['memory']['peak_mb']:.2f}× less | |")
+        rows.append(_memory_row(title, p, r, ratio=True))
     if "features" in res:
         s = res["features"]
         p, r = s["phivlm"], s["reference"]
         rows.append(f"| feature caching: images/s (phivlm: files → shards; reference: bare forward) | "
                     f"{_f(p['images_per_s'], 1)} | {_f(r['images_per_s'], 1)} | {s['speedup']:.2f}× | |")
-        rows.append(f"| feature caching: memory MB, held + step = peak | {p['memory']['held_mb']:.0f} + "
-                    f"{p['memory']['step_mb']:.0f} = {p['memory']['peak_mb']:.0f} | {r['memory']['held_mb']:.0f} + "
-                    f"{r['memory']['step_mb']:.0f} = {r['memory']['peak_mb']:.0f} | | |")
+        rows.append(_memory_row("feature caching", p, r))
     if "generation" in res:
         s = res["generation"]
         p, r = s["phivlm"], s["reference"]
@@ -560,9 +563,7 @@ def table(res: dict) -> str:
                     f"**{s['speedup_ttft']:.2f}×** | |")
         rows.append(f"| generation: {s['new_tokens']} tokens end to end, s | {p['total_s']:.3f} | {r['total_s']:.3f} | "
                     f"{s['speedup']:.2f}× | |")
-        rows.append(f"| generation: memory MB, held + step = peak | {p['memory']['held_mb']:.0f} + "
-                    f"{p['memory']['step_mb']:.0f} = {p['memory']['peak_mb']:.0f} | {r['memory']['held_mb']:.0f} + "
-                    f"{r['memory']['step_mb']:.0f} = {r['memory']['peak_mb']:.0f} | | |")
+        rows.append(_memory_row("generation", p, r))
     if "matmul_peak" in res:
         m = res["matmul_peak"]
         rows.append(f"| bf16 matmul peak ({m['n']}², {m['probes']} probes): best / median GFLOP/s | "
