@@ -23,8 +23,10 @@ def test_examples_show_expected_model_and_shuffled_answers_per_type(tmp_path, ca
 def test_stage_configs_chain_stage1_into_lora_stage2(tmp_path):
     data = {k: str(tmp_path / k) for k in ("captions_train", "instruct_train", "instruct_val", "images")}
     s1, s2 = stage_configs(tmp_path, data, "default")
-    vision, lm, _, s1_steps, s2_steps, batch, lr = PRESETS["default"]
-    assert (s1.model.vision, s1.model.lm, s1.data.template, s1.tuning.lm_tuning) == (vision, lm, "plain", "frozen")
-    assert (s2.data.data, s2.tuning.lm_tuning, s2.train.max_steps, s2.train.lm_lr) == (
-        data["instruct_train"], "lora", s2_steps, lr)
+    p = PRESETS["default"]
+    assert (s1.model.vision, s1.model.lm, s1.data.template, s1.tuning.lm_tuning) == (p.vision, p.lm, "plain", "frozen")
+    assert (s1.train.max_steps, s1.train.lr) == (p.s1_steps, p.s1_lr)
+    assert (s2.data.data, s2.data.template, s2.tuning.lm_tuning, s2.tuning.lora_dropout) == (
+        data["instruct_train"], p.s2_template, "lora", p.lora_dropout)
+    assert (s2.train.max_steps, s2.train.lr, s2.train.lm_lr) == (p.s2_steps, p.s2_lr, p.s2_lr)
     assert s1.data.features == s2.data.features  # one feature cache serves both stages
