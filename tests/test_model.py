@@ -195,7 +195,7 @@ def test_tower_is_frozen(tiny_tower, synth_data):
     assert tiny_tower.random_weights
 
 
-@pytest.mark.parametrize("layer", [-2, -1, 1])
+@pytest.mark.parametrize("layer", [-2, -1, 0, 1])
 def test_feature_layer_matches_unmodified_clip(tiny_tower, layer):
     from transformers import CLIPVisionModel
 

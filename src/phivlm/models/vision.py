@@ -72,5 +72,7 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True)
-        return out.hidden_states[self.keep][:, 1:]
+        # the encoder ends at ``feature_layer``, so its last hidden state is that layer's (with no layers
+        # left, feature_layer 0, it is the encoder's input: the normalised patch + position embeddings)
+        out = self.model(pixel_values=pixel_values.to(self.model.dtype))
+        return out.last_hidden_state[:, 1:]
