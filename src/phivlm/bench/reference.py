@@ -45,11 +45,9 @@ class Reference:
         proj = vlm.projector
         if not (isinstance(proj, nn.Sequential) and len(proj) == 3):
             raise ValueError("the Llava reference needs phivlm's mlp2x_gelu projector (Linear-GELU-Linear)")
-        first = {k: v.detach().clone() for k, v in proj[0].state_dict().items()}
-        norm = getattr(vlm, "feature_norm", None)  # phivlm's feature standardisation, folded in (exact up to rounding)
-        if norm is not None:
-            first["weight"] = first["weight"] / norm.std.to(first["weight"])
-            first["bias"] = first["bias"] - first["weight"] @ norm.mean.to(first["weight"])
+        # phivlm's feature standardisation, folded in (exact up to rounding)
+        weight, bias = vlm.feature_norm.fold(proj[0].weight, proj[0].bias)
+        first = {"weight": weight, "bias": bias}
         with torch.no_grad():
             model.model.language_model.load_state_dict(state)
             model.model.vision_tower.load_state_dict(clip.state_dict())

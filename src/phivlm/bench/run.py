@@ -141,8 +141,7 @@ def _vlm(env: Env):
     torch.manual_seed(env.cfg.seed)
     lm = load_lm(env.cfg.lm).requires_grad_(False)
     vlm = PhiVLM(lm, env.tower.hidden_size, env.tower.num_patches, projector="mlp2x_gelu")
-    if hasattr(vlm, "feature_norm"):  # as training does: feature statistics of the training images
-        vlm.feature_norm.fit(env.store.get(env.image_names))
+    vlm.feature_norm.fit(env.store.get(env.image_names))  # as training does: statistics of the training images
     return vlm
 
 

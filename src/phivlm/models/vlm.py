@@ -39,6 +39,12 @@ class FeatureNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
 
+    @torch.no_grad()
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the Linear that gives, on raw features, what (weight, bias) gives on standardised ones."""
+        weight = weight / self.std.to(weight)
+        return weight, bias - weight @ self.mean.to(weight)
+
 
 class PhiVLM(nn.Module):
     def __init__(self, lm: nn.Module, d_vision: int, num_image_tokens: int, projector: str = "residual",
@@ -70,9 +76,9 @@ class PhiVLM(nn.Module):
         """Fold the feature standardisation into the projector's first Linear (exact up to rounding),
         leaving an identity ``feature_norm``: exports then need no extra layer."""
         first = next(m for m in self.projector.modules() if isinstance(m, nn.Linear))
-        mean, std = self.feature_norm.mean.to(first.weight), self.feature_norm.std.to(first.weight)
-        first.weight.div_(std)
-        first.bias.sub_(first.weight @ mean)
+        weight, bias = self.feature_norm.fold(first.weight, first.bias)
+        first.weight.copy_(weight)
+        first.bias.copy_(bias)
         self.feature_norm.mean.zero_()
         self.feature_norm.std.fill_(1.0)
 
