@@ -328,3 +328,21 @@ def test_eval_llava_input_without_baselines(trained, synth_data, tmp_path):
         assert (out / link).is_file(), link
     assert main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path / "missing.jsonl"), "--images",
                  synth_data["images"], "--out", str(out)]) == 2
+
+
+def test_eval_chosen_baseline(trained, synth_data, tmp_path, capsys):
+    """``--baselines shuffled`` runs that baseline alone; an unknown name is a one-line error."""
+    from phivlm.cli import main
+
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", str(trained.parent), "--data", synth_data["qa_val"], "--images",
+            synth_data["images"], "--out", str(out), "--limit", "2", "--device", "cpu"]
+    assert main(args + ["--baselines", "shuffled"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["conditions"] == ["model", "shuffled"]
+    assert set(metrics["tasks"]["qa"]["scores"]) == {"model", "shuffled"}
+    report = (out / "report.md").read_text()
+    assert "*shuffled* by another image's" in report and "*blind*" not in report
+    capsys.readouterr()
+    assert main(args + ["--baselines", "shuffled,upside-down"]) == 2
+    assert "unknown baseline 'upside-down'" in capsys.readouterr().err

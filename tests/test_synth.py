@@ -110,6 +110,37 @@ def test_llava_format(ds: Path) -> None:
                 _check_answer(t, q["value"].replace("<image>", "").strip(), a["value"], objs)
 
 
+
+@pytest.mark.parametrize("turns", [(2, 4), (1, 1), (4, 8)])
+def test_conversations_give_no_answer_away(tmp_path: Path, turns: tuple[int, int]) -> None:
+    """No turn names what another turn answers: each answer needs the image, as a lone question does."""
+    synthesize(tmp_path, n_train=60, n_val=0, seed=3, turns=turns)
+    objects = {im["file_name"]: [Obj(**o) for o in im["objects"]]
+               for im in _load(tmp_path / "captions_train.json")["images"]}
+    lengths, firsts = Counter(), Counter()
+    for rec in _load(tmp_path / "instruct_train.json"):
+        objs, types = objects[rec["image"]], rec["types"]
+        conv = [c["value"].replace("<image>", "").strip().lower() for c in rec["conversations"]]
+        questions, answers = conv[::2], conv[1::2]
+        lengths[len(types)] += 1
+        assert min(turns[0], len(objs) + 1) <= len(types) <= min(turns[1], len(objs) + 1)
+        about = []  # the object each other question names (by its shape, its colour or both)
+        for t, q in zip(types, questions):
+            if t != "count":
+                words = set(re.findall(r"[a-z]+", q))
+                (obj,) = [o for o in objs if o.shape in words or o.color in words]
+                about.append(obj.position)
+        assert len(about) == len(set(about))  # at most one question per object
+        for i, (t, a) in enumerate(zip(types, answers)):
+            others = " ".join(questions[:i] + questions[i + 1:] + answers[:i] + answers[i + 1:])
+            if t in ("color", "shape"):
+                assert a not in re.findall(r"[a-z]+", others), (rec["conversations"], a)
+        firsts[types[0]] += 1
+    assert len(lengths) > 1 or turns == (1, 1)
+    # every kind of question comes first somewhere: a fixed first question would teach its answer type
+    assert {"color", "shape", "count"} <= set(firsts), firsts
+
+
 def _check_answer(t: str, q: str, a: str, objs: list[Obj]) -> None:
     """The answer follows from the scene alone."""
     words = set(re.findall(r"[a-z]+", q.lower()))

@@ -206,8 +206,9 @@ def cmd_eval(args) -> int:
     from .evaluate.run import evaluate, summary
 
     data = [args.data] + ([args.captions] if args.captions else [])
+    baselines = [] if args.no_baselines else [b.strip() for b in args.baselines.split(",") if b.strip()]
     report, metrics = evaluate(args.checkpoint, data, args.images, args.out, args.limit, args.batch_size,
-                               not args.no_baselines, args.device)
+                               baselines, args.device)
     print(f"{summary(metrics)}\nreport: {report}")
     return 0
 
@@ -327,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/eval", help="folder for metrics.json, report.md and thumbnails")
     s.add_argument("--limit", type=int, default=0, help="first N images of each file (0 = all)")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--no-baselines", action="store_true", help="skip the blind and shuffled-image baselines")
+    s.add_argument("--baselines", default="blind,shuffled",
+                   help="grounding baselines, comma-separated: blind (image features zeroed), shuffled (another image's)")
+    s.add_argument("--no-baselines", action="store_true", help="skip the grounding baselines")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.set_defaults(func=cmd_eval)
 

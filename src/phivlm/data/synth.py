@@ -119,29 +119,42 @@ def captions(objs: list[Obj], rng: random.Random) -> list[str]:
     return rng.sample(templates, 5)
 
 
+def _ask(t: str, obj: Obj | None, n: int, rng: random.Random) -> dict[str, str]:
+    """One question of type ``t`` about ``obj`` (the scene of ``n`` objects for a count) with its answer."""
+    if obj is None:
+        return {"type": t, "question": rng.choice(_QUESTIONS[t]), "answer": str(n)}
+    answer = {"color": obj.color, "shape": obj.shape, "position": obj.position}[t]
+    return {"type": t, "question": rng.choice(_QUESTIONS[t]).format(shape=obj.shape, color=obj.color),
+            "answer": answer}
+
+
 def qa_pairs(objs: list[Obj], rng: random.Random) -> list[dict[str, str]]:
     """Every question about the scene with its canonical answer, grouped by type."""
-
-    def ask(t: str, answer: str, **kw: str) -> dict[str, str]:
-        return {"type": t, "question": rng.choice(_QUESTIONS[t]).format(**kw), "answer": answer}
-
     return (
-        [ask("color", o.color, shape=o.shape) for o in objs]
-        + [ask("shape", o.shape, color=o.color) for o in objs]
-        + [ask("count", str(len(objs)))]
-        + [ask("position", o.position, color=o.color, shape=o.shape) for o in objs]
+        [_ask("color", o, 0, rng) for o in objs]
+        + [_ask("shape", o, 0, rng) for o in objs]
+        + [_ask("count", None, len(objs), rng)]
+        + [_ask("position", o, 0, rng) for o in objs]
     )
 
 
-def _pick(pairs: list[dict[str, str]], k: int, rng: random.Random) -> list[dict[str, str]]:
-    """k pairs without replacement: count with p>=0.5, never only position questions."""
-    count = [p for p in pairs if p["type"] == "count"]
-    rest = [p for p in pairs if p["type"] != "count"]
-    chosen = count if rng.random() < 0.5 or k > len(rest) else []
-    chosen = chosen + rng.sample(rest, k - len(chosen))
-    if all(p["type"] == "position" for p in chosen):
-        chosen[-1] = rng.choice([p for p in rest if p["type"] != "position"])
-    rng.shuffle(chosen)
+def _pick(objs: list[Obj], k: int, rng: random.Random) -> list[dict[str, str]]:
+    """Up to k questions no other turn answers: at most one per object (each question names its object by
+    another attribute, so a second one would give the first one's answer away) and the count with p >= 0.5,
+    in random order (a fixed first question would teach its answer type for every first turn); never only
+    position questions.
+
+    A conversation that gives answers away teaches copying from the text, which single questions
+    (``phivlm eval``) cannot use: every answer here needs the image (a count asked after questions about
+    every object is bounded by them, the one remaining hint)."""
+    k = min(k, len(objs) + 1)
+    count = k > len(objs) or rng.random() < 0.5
+    about = rng.sample(objs, k - count)
+    chosen = [_ask(rng.choice(("color", "shape", "position")), o, 0, rng) for o in about]
+    if chosen and all(p["type"] == "position" for p in chosen):
+        chosen[-1] = _ask(rng.choice(("color", "shape")), about[-1], 0, rng)
+    if count:
+        chosen.insert(rng.randint(0, len(chosen)), _ask("count", None, len(objs), rng))
     return chosen
 
 
@@ -198,14 +211,13 @@ def synthesize(
                 {"id": (image_id - 1) * 5 + j + 1, "image_id": image_id, "caption": c}
                 for j, c in enumerate(captions(objs, rng))
             ]
-            pairs = qa_pairs(objs, rng)
-            chosen = _pick(pairs, min(rng.randint(*turns), len(pairs)), rng)
+            chosen = _pick(objs, rng.randint(*turns), rng)
             llava.append({
                 "id": name[:-4], "image": name,
                 "conversations": _conversation(chosen, rng), "types": [p["type"] for p in chosen],
             })  # fmt: skip
             if split == "val":
-                qa_val += [{"image": name, **p} for p in pairs]
+                qa_val += [{"image": name, **p} for p in qa_pairs(objs, rng)]
         for kind, data in (("captions", coco), ("instruct", llava)):
             path = out / f"{kind}_{split}.json"
             _dump(data, path)

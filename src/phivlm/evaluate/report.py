@@ -122,8 +122,10 @@ def write_report(out: Path, metrics: dict, predictions: dict[str, list[dict]], i
              f"Images: `{metrics['images']}`. Metrics: [metrics.json](metrics.json); "
              f"all predictions: [predictions.jsonl](predictions.jsonl).", ""]
     if len(conditions) > 1:
-        lines += ["Grounding baselines answer the same prompts with the image features replaced: *blind* by "
-                  "zeros, *shuffled* by another image's. A model that uses the image scores far above both.", ""]
+        how = {"blind": "*blind* by zeros", "shuffled": "*shuffled* by another image's"}
+        lines += ["Grounding baselines answer the same prompts with the image features replaced: "
+                  + ", ".join(how.get(c, f"*{c}*") for c in conditions[1:]) + ". A model that uses the image scores far above "
+                  + ("both." if len(conditions) > 2 else "it."), ""]
     for name, task in metrics["tasks"].items():
         title = "Question answering" if name == "qa" else "Captioning (COCO protocol, no SPICE)"
         unit = "questions" if name == "qa" else "images"

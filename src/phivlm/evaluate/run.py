@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +121,12 @@ def predict(assistant: Assistant, items: list[Item], feats: torch.Tensor, row: d
 
 
 def evaluate(checkpoint: str | Path, data: list[str | Path], images: str | Path, out: str | Path = "eval",
-             limit: int = 0, batch_size: int = 32, baselines: bool = True, device: str = "auto",
-             seed: int = 0) -> tuple[Path, dict]:
-    """Evaluate on each file of ``data``; returns (report path, metrics)."""
+             limit: int = 0, batch_size: int = 32, baselines: Sequence[str] = tuple(BASELINES),
+             device: str = "auto", seed: int = 0) -> tuple[Path, dict]:
+    """Evaluate on each file of ``data`` with the named grounding ``baselines``; returns (report path, metrics)."""
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise PhivlmError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
     tasks: dict[str, list[Item]] = {}
     for path in data:
         kind, items = read_task(path, limit)
@@ -135,8 +139,7 @@ def evaluate(checkpoint: str | Path, data: list[str | Path], images: str | Path,
     names = list(dict.fromkeys(it.image for items in tasks.values() for it in items))
     row = {n: i for i, n in enumerate(names)}
     feats = {"model": image_features(assistant, images, names, batch_size)}
-    if baselines:
-        feats.update({name: fn(feats["model"], seed) for name, fn in BASELINES.items()})
+    feats.update({name: BASELINES[name](feats["model"], seed) for name in baselines})
     sources = dict(zip(tasks, map(str, data)))
     metrics: dict = {"checkpoint": str(Path(checkpoint).resolve()), "images": str(Path(images).resolve()),
                      "conditions": list(feats), "tasks": {}}
