@@ -37,7 +37,7 @@ class Preset:
 
 
 PRESETS = {
-    "default": Preset("clip-vit-b32", "smollm2-135m", 2000, s1_steps=110, s1_lr=5e-3, s2_steps=50, s2_lr=1e-3,
+    "default": Preset("clip-vit-b32", "smollm2-135m", 2000, s1_steps=110, s1_lr=5e-3, s2_steps=80, s2_lr=1e-3,
                       lm_tuning="lora"),
     "tiny": Preset("tiny-clip", "tiny-llama", 300, s1_steps=40, s1_lr=1e-3, s2_steps=120, s2_lr=3e-3,
                    lm_tuning="full", s2_template="auto"),
