@@ -110,7 +110,6 @@ def test_llava_format(ds: Path) -> None:
                 _check_answer(t, q["value"].replace("<image>", "").strip(), a["value"], objs)
 
 
-
 @pytest.mark.parametrize("turns", [(2, 4), (1, 1), (4, 8)])
 def test_conversations_give_no_answer_away(tmp_path: Path, turns: tuple[int, int]) -> None:
     """No turn names what another turn answers: each answer needs the image, as a lone question does."""

@@ -119,22 +119,24 @@ def captions(objs: list[Obj], rng: random.Random) -> list[str]:
     return rng.sample(templates, 5)
 
 
-def _ask(t: str, obj: Obj | None, n: int, rng: random.Random) -> dict[str, str]:
-    """One question of type ``t`` about ``obj`` (the scene of ``n`` objects for a count) with its answer."""
-    if obj is None:
-        return {"type": t, "question": rng.choice(_QUESTIONS[t]), "answer": str(n)}
+def _ask(t: str, obj: Obj, rng: random.Random) -> dict[str, str]:
+    """One question of type ``t`` (colour, shape or position) about ``obj``, with its answer."""
     answer = {"color": obj.color, "shape": obj.shape, "position": obj.position}[t]
     return {"type": t, "question": rng.choice(_QUESTIONS[t]).format(shape=obj.shape, color=obj.color),
             "answer": answer}
 
 
+def _ask_count(objs: list[Obj], rng: random.Random) -> dict[str, str]:
+    return {"type": "count", "question": rng.choice(_QUESTIONS["count"]), "answer": str(len(objs))}
+
+
 def qa_pairs(objs: list[Obj], rng: random.Random) -> list[dict[str, str]]:
     """Every question about the scene with its canonical answer, grouped by type."""
     return (
-        [_ask("color", o, 0, rng) for o in objs]
-        + [_ask("shape", o, 0, rng) for o in objs]
-        + [_ask("count", None, len(objs), rng)]
-        + [_ask("position", o, 0, rng) for o in objs]
+        [_ask("color", o, rng) for o in objs]
+        + [_ask("shape", o, rng) for o in objs]
+        + [_ask_count(objs, rng)]
+        + [_ask("position", o, rng) for o in objs]
     )
 
 
@@ -150,11 +152,11 @@ def _pick(objs: list[Obj], k: int, rng: random.Random) -> list[dict[str, str]]:
     k = min(k, len(objs) + 1)
     count = k > len(objs) or rng.random() < 0.5
     about = rng.sample(objs, k - count)
-    chosen = [_ask(rng.choice(("color", "shape", "position")), o, 0, rng) for o in about]
+    chosen = [_ask(rng.choice(("color", "shape", "position")), o, rng) for o in about]
     if chosen and all(p["type"] == "position" for p in chosen):
-        chosen[-1] = _ask(rng.choice(("color", "shape")), about[-1], 0, rng)
+        chosen[-1] = _ask(rng.choice(("color", "shape")), about[-1], rng)
     if count:
-        chosen.insert(rng.randint(0, len(chosen)), _ask("count", None, len(objs), rng))
+        chosen.insert(rng.randint(0, len(chosen)), _ask_count(objs, rng))
     return chosen
 
 

@@ -14,11 +14,12 @@ from ..registry import PhivlmError
 
 Transform = Callable[[torch.Tensor, int], torch.Tensor]
 BASELINES: dict[str, Transform] = {}
+DESCRIPTIONS: dict[str, str] = {}  # what replaces the features, as the report says it
 
 
-def register(name: str):
+def register(name: str, replaced_by: str):
     def deco(fn: Transform) -> Transform:
-        BASELINES[name] = fn
+        BASELINES[name], DESCRIPTIONS[name] = fn, replaced_by
         return fn
 
     return deco
@@ -34,12 +35,12 @@ def derangement(n: int, seed: int = 0) -> list[int]:
     return out
 
 
-@register("blind")
+@register("blind", "zeros")
 def blind(feats: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.zeros_like(feats)
 
 
-@register("shuffled")
+@register("shuffled", "another image's")
 def shuffled(feats: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Row i gets the features of another row (the rows are distinct images)."""
     if len(feats) < 2:

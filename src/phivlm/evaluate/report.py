@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..data.images import image_path, open_rgb
+from .baselines import DESCRIPTIONS
 from .caption_metrics import METRICS
 
 THUMB_SIZE = 96
@@ -122,10 +123,9 @@ def write_report(out: Path, metrics: dict, predictions: dict[str, list[dict]], i
              f"Images: `{metrics['images']}`. Metrics: [metrics.json](metrics.json); "
              f"all predictions: [predictions.jsonl](predictions.jsonl).", ""]
     if len(conditions) > 1:
-        how = {"blind": "*blind* by zeros", "shuffled": "*shuffled* by another image's"}
-        lines += ["Grounding baselines answer the same prompts with the image features replaced: "
-                  + ", ".join(how.get(c, f"*{c}*") for c in conditions[1:]) + ". A model that uses the image scores far above "
-                  + ("both." if len(conditions) > 2 else "it."), ""]
+        replaced = ", ".join(f"*{c}* by {DESCRIPTIONS[c]}" for c in conditions[1:])
+        lines += [f"Grounding baselines answer the same prompts with the image features replaced: {replaced}. "
+                  f"A model that uses the image scores far above {'both' if len(conditions) > 2 else 'it'}.", ""]
     for name, task in metrics["tasks"].items():
         title = "Question answering" if name == "qa" else "Captioning (COCO protocol, no SPICE)"
         unit = "questions" if name == "qa" else "images"

@@ -121,9 +121,11 @@ def predict(assistant: Assistant, items: list[Item], feats: torch.Tensor, row: d
 
 
 def evaluate(checkpoint: str | Path, data: list[str | Path], images: str | Path, out: str | Path = "eval",
-             limit: int = 0, batch_size: int = 32, baselines: Sequence[str] = tuple(BASELINES),
+             limit: int = 0, batch_size: int = 32, baselines: Sequence[str] | None = None,
              device: str = "auto", seed: int = 0) -> tuple[Path, dict]:
-    """Evaluate on each file of ``data`` with the named grounding ``baselines``; returns (report path, metrics)."""
+    """Evaluate on each file of ``data`` with the named grounding ``baselines`` (None: all); returns
+    (report path, metrics)."""
+    baselines = list(BASELINES) if baselines is None else baselines
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise PhivlmError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
