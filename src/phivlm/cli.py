@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import RunConfig, add_config_args, config_from_args
+from .config import ModelConfig, RunConfig, add_config_args, config_from_args
 from .registry import PhivlmError
 
 log = logging.getLogger("phivlm")
@@ -59,7 +59,7 @@ def cmd_features(args) -> int:
     from .models.vision import VisionTower
     from .runtime import pick_device
 
-    tower = VisionTower(args.vision, args.feature_layer)
+    tower = VisionTower(args.vision, args.feature_layer, image_size=args.image_size, image_tokens=args.image_tokens)
     names: list[str] = []
     for path in args.data:
         names += [s.image for s in load_samples(path, args.limit, args.seed, skip_bad=True)]
@@ -248,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("features", help="encode images once with the frozen vision tower into the cache")
-    s.add_argument("--vision", default="clip-vit-b32")
-    s.add_argument("--feature-layer", type=int, default=-2)
+    s.add_argument("--vision", default=ModelConfig.vision)
+    s.add_argument("--feature-layer", type=int, default=ModelConfig.feature_layer)
+    s.add_argument("--image-size", type=int, default=0, help="pixels the tower sees (0 = its own)")
+    s.add_argument("--image-tokens", type=int, default=0, help="patch grid pooled to this many tokens (0 = all)")
     s.add_argument("--data", nargs="+", required=True, help="COCO or LLaVA annotation file(s)")
     s.add_argument("--images", required=True)
     s.add_argument("--features", default=".cache/features")
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--device", default="auto")
-    s.add_argument("--precision", default="bf16")
+    s.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it) | bf16 | fp32")
     s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("pretrain", help="stage 1: train the projector on image captions")

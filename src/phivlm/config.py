@@ -18,8 +18,10 @@ from .registry import PhivlmError
 
 @dataclass
 class ModelConfig:
-    vision: str = "clip-vit-b32"  # built-in name, hub id or local folder
+    vision: str = "dinov2-small"  # built-in name (dinov2-small, clip-vit-b32), hub id or local folder
     feature_layer: int = -2  # hidden-state index used as image features (penultimate layer)
+    image_size: int = 0  # pixels the tower sees (resize + crop, interpolated position embeddings); 0 = its own
+    image_tokens: int = 0  # image tokens per image: the patch grid average-pooled to a square (0 = every patch)
     lm: str = "smollm2-135m"  # built-in name, hub id or local folder
     projector: str = "residual"  # linear | mlp2x_gelu | residual
     projector_depth: int = 2  # residual blocks of the residual projector
@@ -53,7 +55,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     seed: int = 0
-    precision: str = "bf16"  # bf16 | fp32 | fp16 (fp16 only on GPU)
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp32 | fp16 (GPU only)
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     eval_every: int = 0  # validation loss on --val-data every N steps (0 = only at the end)

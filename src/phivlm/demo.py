@@ -23,6 +23,9 @@ class Preset:
 
     vision: str
     lm: str
+    image_size: int  # 0 = the tower's own
+    image_tokens: int  # 0 = every patch
+    feature_layer: int
     train_images: int
     s1_steps: int
     s1_lr: float
@@ -37,9 +40,9 @@ class Preset:
 
 
 PRESETS = {
-    "default": Preset("clip-vit-b32", "smollm2-135m", 2000, s1_steps=110, s1_lr=5e-3, s2_steps=80, s2_lr=1e-3,
-                      lm_tuning="lora"),
-    "tiny": Preset("tiny-clip", "tiny-llama", 300, s1_steps=40, s1_lr=1e-3, s2_steps=120, s2_lr=3e-3,
+    "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=110, s1_lr=5e-3, s2_steps=80,
+                      s2_lr=1e-3, lm_tuning="lora"),
+    "tiny": Preset("tiny-clip", "tiny-llama", 0, 0, -2, 300, s1_steps=40, s1_lr=1e-3, s2_steps=120, s2_lr=3e-3,
                    lm_tuning="full", s2_template="auto"),
 }
 
@@ -47,7 +50,8 @@ PRESETS = {
 def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunConfig]:
     p = PRESETS[preset]
     s1 = RunConfig()
-    s1.model.vision, s1.model.lm = p.vision, p.lm
+    s1.model.vision, s1.model.lm, s1.model.feature_layer = p.vision, p.lm, p.feature_layer
+    s1.model.image_size, s1.model.image_tokens = p.image_size, p.image_tokens
     s1.data.data, s1.data.images, s1.data.template = data["captions_train"], data["images"], "plain"
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch

