@@ -23,7 +23,7 @@ class Assistant:
         self.device = pick_device(device)
         self.loaded: Loaded = load_checkpoint(checkpoint, self.device)
         self.cfg = self.loaded.cfg
-        self.precision = precision or "auto"  # the host decides, not the training host
+        self.precision = precision or self.cfg.train.precision  # "auto" (the default) lets the host decide
         self.template = get_template(self.cfg.data.template)
         tok = self.loaded.tok
         self.eos_ids = {tok.eos_token_id}

@@ -63,7 +63,8 @@ def choose_precision(precision: str, device: torch.device, flags: frozenset[str]
     if precision == "auto":
         if native:
             return "bf16", f"the CPU has {native} (torch capability {torch.backends.cpu.get_cpu_capability()})"
-        return "fp32", f"the CPU has no native bf16 (torch capability {torch.backends.cpu.get_cpu_capability()})"
+        return "fp32", ("the CPU has no native bf16: neither AVX512-BF16 nor AMX-BF16 "
+                        f"(torch capability {torch.backends.cpu.get_cpu_capability()})")
     if precision == "bf16" and not native:
         return "bf16", "asked for; warning: " + SLOW_BF16
     return precision, "asked for"

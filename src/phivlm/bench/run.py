@@ -15,7 +15,8 @@ Figures (each measured in one run; contenders alternate ABBA round by round, so 
 6. memory — per contender: tensors held (models, optimizer state) + the RSS peak of one call above the RSS
    before it (``measure.memory``).
 
-Both contenders run in bf16 autocast with fp32 weights, with the same thread setting. phivlm uses the
+Both contenders run in the precision `auto` picks on the host (bf16 autocast where the CPU has AVX512-BF16 or
+AMX, else fp32), with fp32 weights and the same thread setting. phivlm uses the
 ``mlp2x_gelu`` projector here, the projector Llava has, so that both compute the same function (the first
 losses are compared).
 """
@@ -131,7 +132,10 @@ class Env:
         return self.tower.preprocess([open_rgb(image_path(self.images, n)) for n in names])
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        """Both contenders in the precision ``auto`` picks on this host (bf16 only where the CPU has it)."""
+        from ..runtime import autocast
+
+        return autocast(torch.device("cpu"), "auto")
 
 
 def _vlm(env: Env):

@@ -1,7 +1,7 @@
 """``phivlm export``: a checkpoint -> a Hugging Face model folder that ``transformers`` loads, and back.
 
-The folder holds the model (``config.json`` + safetensors, LoRA merged), the processor (CLIP image
-processor, LM tokenizer with ``<image>`` and ``<image_sep>``, chat template), ``generation_config.json``
+The folder holds the model (``config.json`` + safetensors, LoRA merged), the processor (the vision tower's
+image processor, LM tokenizer with ``<image>`` and ``<image_sep>``, chat template), ``generation_config.json``
 (phivlm's defaults: greedy, 64 new tokens, its EOS; the image tokens suppressed), a model card
 (``README.md``) and the marker ``phivlm_export.json`` (format, token ids, the run config) by which
 phivlm's own loaders recognise an export.
@@ -28,7 +28,7 @@ from ..registry import PhivlmError
 from ..train.checkpoint import Loaded, load_merged, resolve_checkpoint
 from .card import find_metrics, model_card
 from .formats import FORMATS, Parts
-from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts
+from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts, token_layout
 
 log = logging.getLogger(__name__)
 MARKER = "phivlm_export.json"
@@ -96,7 +96,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        card = model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example, found_metrics)
+        card = model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example, found_metrics, parts)
         (tmp / "README.md").write_text(card)
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))  # last: only complete exports carry it
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -110,22 +110,30 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
     return out
 
 
+def vision_parts(tower: VisionTower, vision) -> dict:
+    """The ``Parts`` fields that say how phivlm reads ``vision`` (``tower``'s model with all its layers)."""
+    return {"vision": vision, "prefix": tower.prefix, "image_size": tower.image_size,
+            "grid": tower.image_size // vision.config.patch_size, "pooled_side": tower.pooled_side,
+            "interpolate": tower.interpolate, "num_image_tokens": tower.num_patches}
+
+
 def _assemble(loaded: Loaded):
     """(processor, parts) of a merged checkpoint; fails unless the processor gives phivlm's prompt ids."""
-    from transformers import CLIPVisionModel
+    import transformers
 
     cfg, vlm, tower = loaded.cfg, loaded.vlm, loaded.tower
     tok = copy.deepcopy(loaded.tok)
     img, sep = add_image_tokens(tok)
-    clip_cfg = tower.model.config
-    processor = build_processor(tok, tower.processor, cfg.data.template, clip_cfg.patch_size)
-    check_prompts(processor, loaded.tok, cfg.data.template, tower.num_patches, clip_cfg.image_size)
-    clip = CLIPVisionModel.from_pretrained(builtin.resolve(cfg.model.vision), dtype=torch.float32)  # all layers
+    # all layers (the tower's model stops at the feature layer), through the tower type's own class
+    vision = getattr(transformers, tower.type.model_class).from_pretrained(
+        builtin.resolve(cfg.model.vision), dtype=torch.float32, use_safetensors=True)
     vlm.fold_feature_norm()  # the exported projector takes the tower's raw features
-    parts = Parts(lm=vlm.base_lm, clip=clip, projector=vlm.projector, separator=vlm.separator.detach(),
+    parts = Parts(lm=vlm.base_lm, projector=vlm.projector, separator=vlm.separator.detach(),
                   projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
-                  feature_layer=cfg.model.feature_layer, num_image_tokens=tower.num_patches,
-                  image_token_id=img, image_sep_token_id=sep)
+                  feature_layer=cfg.model.feature_layer, image_token_id=img, image_sep_token_id=sep,
+                  **vision_parts(tower, vision))
+    processor = build_processor(tok, tower.processor, cfg.data.template, token_layout(parts))
+    check_prompts(processor, loaded.tok, cfg.data.template, tower.num_patches, tower.image_size)
     return processor, parts
 
 
@@ -144,8 +152,14 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
         raise PhivlmError(f"{path / MARKER}: unreadable export marker ({type(e).__name__})") from None
     register()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    lm, clip, projector_state, separator = fmt.unpack(model, meta)
-    tower = VisionTower(str(path), cfg.model.feature_layer, model=clip)
+    lm, vision, projector_state, separator = fmt.unpack(model, meta)
+    tower = VisionTower(str(path), cfg.model.feature_layer, model=vision, image_size=cfg.model.image_size,
+                        image_tokens=cfg.model.image_tokens)
+    native = tower.image_size // vision.config.patch_size
+    own = (tower.prefix, tower.pooled_side if tower.pooled_side != native else 0, tower.interpolate)
+    if fmt.selection(model) != own:
+        raise PhivlmError(f"{path}: the model reads its image features as (prefix, pooled grid, interpolation) "
+                          f"{fmt.selection(model)}, its phivlm config as {own}")
     tower.random_weights = builtin.is_random_vision(cfg.model.vision)
     if tower.random_weights:
         log.warning(builtin.RANDOM_VISION_WARNING.format(name=cfg.model.vision))

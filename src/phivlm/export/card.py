@@ -22,6 +22,10 @@ FORMATS = {
     "phivlm": "`PhivlmForConditionalGeneration` + `LlavaProcessor`: needs `pip install phivlm` and "
               "`import phivlm` (which registers the model type; no `trust_remote_code`)",
 }
+TOWER_KINDS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP", "dinov2": "DINOv2",
+               "dinov2_with_registers": "DINOv2 with registers"}
+VLLM_TOWERS = ("; `transformers` loads it, vLLM does not: its Llava takes CLIP, SigLIP and Pixtral vision "
+               "towers only")
 LLAVA_PROJECTOR = {
     "linear": "stored as Llava's `linear_1`, identity activation (`linear`) and an identity `linear_2`: exact",
     "mlp2x_gelu": "stored as Llava's `linear_1`, `gelu`, `linear_2`: the same module",
@@ -93,9 +97,34 @@ def _is_hub_id(name: str) -> bool:
     return name not in builtin.BUILTIN and "/" in name and not Path(name).exists()
 
 
+def _vllm_tower(parts) -> bool:
+    return parts.vision.config.model_type in ("clip_vision_model", "siglip_vision_model")
+
+
+def vision_text(name: str, feature_layer: int, parts) -> str:
+    """The vision tower's row of the model table: its type, hidden layer, dropped tokens, token grid, image size."""
+    vcfg = parts.vision.config
+    kind = TOWER_KINDS.get(vcfg.model_type, vcfg.model_type)
+    if parts.prefix == 0:
+        dropped = "every token kept (no CLS token)"
+    elif parts.prefix == 1:
+        dropped = "CLS token dropped"
+    else:
+        dropped = f"CLS and {parts.prefix - 1} register tokens dropped"
+    g, s, n = parts.grid, parts.pooled_side, parts.num_image_tokens
+    grid = f"{s}x{s} = {n} image tokens, average-pooled from the {g}x{g} patch grid" if parts.pooled else \
+        f"{g}x{g} = {n} image tokens (one per patch)"
+    size = f"{parts.image_size} px"
+    if parts.image_size != vcfg.image_size:
+        size += f" (position embeddings interpolated from the model's {vcfg.image_size} px)"
+    return (f"`{name}` ({kind}, {vcfg.patch_size}-px patches, frozen): hidden states of layer {feature_layer}, "
+            f"{dropped}: {grid} at {size}")
+
+
 def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_example: str,
-               metrics: tuple[Path, dict] | None) -> str:
-    """Markdown with YAML front matter. ``lm_tuning``: the run's own mode (before merging)."""
+               metrics: tuple[Path, dict] | None, parts) -> str:
+    """Markdown with YAML front matter. ``lm_tuning``: the run's own mode (before merging); ``parts``: the
+    exported model taken apart (``formats.Parts``: vision model and how its features are read)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     random_vision = builtin.is_random_vision(m.vision)
     front = {"library_name": "transformers", "pipeline_tag": "image-text-to-text",
@@ -108,17 +137,20 @@ def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_ex
            f"`{source}` by `phivlm export`.", ""]
     if random_vision:
         out += [f"> **Warning:** {builtin.RANDOM_VISION_WARNING.format(name=m.vision)}.", ""]
+    if m.vision == "dinov2-small":
+        from ..models.dinov2_onnx import ORIGIN
+
+        out += [f"Vision weights (built-in `dinov2-small`): {ORIGIN}.", ""]
     projector = PROJECTORS.get(m.projector, m.projector).format(depth=m.projector_depth)
     if fmt == "llava":
         projector += f"; {LLAVA_PROJECTOR[m.projector]}"
     out += ["## Model", "",
             "| part | |", "|---|---|",
-            f"| vision tower | `{m.vision}` (CLIP, frozen): hidden states of layer {m.feature_layer}, CLS token "
-            "dropped: 49 image tokens at 224 px |",
+            f"| vision tower | {vision_text(m.vision, m.feature_layer, parts)} |",
             f"| projector | `{m.projector}`: {projector} |",
             f"| language model | `{m.lm}` |",
             "| image separator | one learned embedding right after the image tokens: the `<image_sep>` token |",
-            f"| format | {FORMATS[fmt]} |", ""]
+            f"| format | {FORMATS[fmt]}{VLLM_TOWERS if fmt == 'llava' and not _vllm_tower(parts) else ''} |", ""]
     stage1 = lm_tuning == "frozen" and d.template == "plain"
     merged = ", merged into the weights" if lm_tuning in ("lora", "qlora") else ""
     trained = "projector and separator (LM frozen)" if lm_tuning == "frozen" else \
@@ -173,8 +205,8 @@ def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_ex
             "`eval` with `--checkpoint path`.", "",
             "## Prompt format", "",
             "The processor's chat template renders prompts exactly as phivlm did in training. A prompt written "
-            "by hand must put `<image><image_sep>` where the image goes (the processor expands `<image>` to 49 "
-            "tokens); for example:", "", "```", prompt_example, "```", "",
+            "by hand must put `<image><image_sep>` where the image goes (the processor expands `<image>` to "
+            f"{parts.num_image_tokens} tokens); for example:", "", "```", prompt_example, "```", "",
             "## Exactness", "",
             "`phivlm export` checks that the processor reproduces phivlm's prompt tokens. phivlm's tests check "
             "that an export, loaded by `transformers` in a fresh process, gives phivlm's logits (within 1e-4, "

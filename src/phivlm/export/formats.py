@@ -9,7 +9,14 @@ layer, tied or not: those logits are suppressed by the exported generation confi
 already has room, the new tokens take unused padding rows). An output-layer bias (Phi-2) cannot be held.
 vLLM's activation registry (in the sources seen) has no identity (``linear``): vLLM would need it added to
 serve a ``linear`` Llava export; ``mlp2x_gelu`` uses its ``gelu``.
-``phivlm``: ``PhivlmForConditionalGeneration`` (``phivlm.hf``): any projector, the LM unchanged.
+Llava's image features are ``hidden_states[vision_feature_layer]`` with 1 leading token dropped
+(``vision_feature_select_strategy`` ``default``: CLIP's or DINOv2's CLS) or none (``full``: SigLIP), no pooling,
+and the vision model run without ``interpolate_pos_encoding`` (DINOv2 interpolates on its own; CLIP and SigLIP
+then only take their configured image size). Anything else (register tokens, a pooled token grid, CLIP/SigLIP
+at another image size) needs the phivlm format. ``transformers`` builds a Llava around any ``AutoModel`` vision
+config; vLLM's Llava (in the sources seen) only around CLIP, SigLIP or Pixtral, so it cannot serve a DINOv2 one.
+``phivlm``: ``PhivlmForConditionalGeneration`` (``phivlm.hf``): any projector and tower setting (its config
+records the prefix tokens to drop, the pooled grid and ``interpolate_pos_encoding``), the LM unchanged.
 """
 from __future__ import annotations
 
@@ -22,17 +29,27 @@ from torch import nn
 from ..registry import Registry
 
 
+# Llava's vision_feature_select_strategy for the number of leading tokens phivlm drops
+LLAVA_STRATEGY = {1: "default", 0: "full"}
+
+
 @dataclass
 class Parts:
-    """A phivlm model taken apart: the (merged) causal LM, the full CLIP vision model, projector, separator."""
+    """A phivlm model taken apart: the (merged) causal LM, the full vision model (all layers), projector,
+    separator, and how phivlm reads the vision model's hidden states."""
 
     lm: nn.Module
-    clip: nn.Module
+    vision: nn.Module
     projector: nn.Module
     separator: torch.Tensor
     projector_name: str
     projector_depth: int
     feature_layer: int
+    prefix: int  # leading non-patch tokens (CLS, registers) dropped from the hidden states
+    image_size: int  # pixels the vision model sees
+    grid: int  # side of its native patch grid at that size
+    pooled_side: int  # side of the pooled token grid (0 = not pooled)
+    interpolate: bool  # phivlm runs the vision model with interpolate_pos_encoding=True
     num_image_tokens: int
     image_token_id: int
     image_sep_token_id: int
@@ -40,6 +57,11 @@ class Parts:
     @property
     def lm_vocab_size(self) -> int:
         return self.lm.get_input_embeddings().num_embeddings
+
+    @property
+    def pooled(self) -> bool:
+        """Whether features are pooled to a grid other than the native one."""
+        return bool(self.pooled_side) and self.pooled_side != self.grid
 
 
 class ExportFormat:
@@ -53,8 +75,13 @@ class ExportFormat:
         raise NotImplementedError
 
     def unpack(self, model: nn.Module, meta: dict) -> tuple[nn.Module, nn.Module, dict, torch.Tensor]:
-        """An exported model (+ its export marker) -> (causal LM with its original vocabulary, CLIP model,
+        """An exported model (+ its export marker) -> (causal LM with its original vocabulary, vision model,
         projector state, separator)."""
+        raise NotImplementedError
+
+    def selection(self, model: nn.Module) -> tuple[int, int, bool]:
+        """How an exported model reads its vision model's hidden states: (leading tokens dropped, pooled grid
+        side or 0, interpolate_pos_encoding)."""
         raise NotImplementedError
 
 
@@ -81,6 +108,16 @@ class Llava(ExportFormat):
         bias = _output_bias(parts.lm)
         if bias is not None and bool(bias.detach().abs().gt(0).any()):
             return "the LM's output layer has a bias, which LlavaForConditionalGeneration does not hold"
+        kind = parts.vision.config.model_type
+        if parts.prefix not in LLAVA_STRATEGY:
+            return (f"the {kind} features drop {parts.prefix} leading tokens (CLS + {parts.prefix - 1} register "
+                    "tokens); Llava's vision_feature_select_strategy drops 1 ('default') or none ('full')")
+        if parts.pooled:
+            return (f"the {parts.grid}x{parts.grid} patch grid is pooled to {parts.pooled_side}x{parts.pooled_side} "
+                    "image tokens; Llava has no pooling")
+        if parts.interpolate:
+            return (f"the {kind} tower runs at {parts.image_size} px with interpolated position embeddings (its "
+                    f"own size is {parts.vision.config.image_size} px); Llava does not pass interpolate_pos_encoding")
         return None
 
     def build(self, parts):
@@ -90,10 +127,11 @@ class Llava(ExportFormat):
         vocab = max(v0, parts.image_token_id + 1, parts.image_sep_token_id + 1)
         text_config = copy.deepcopy(lm.config)
         text_config.vocab_size = vocab
-        config = LlavaConfig(vision_config=copy.deepcopy(parts.clip.config), text_config=text_config,
+        config = LlavaConfig(vision_config=copy.deepcopy(parts.vision.config), text_config=text_config,
                              image_token_index=parts.image_token_id, image_seq_length=parts.num_image_tokens,
                              projector_hidden_act=self.PROJECTOR_ACT[parts.projector_name],
-                             vision_feature_layer=parts.feature_layer, vision_feature_select_strategy="default",
+                             vision_feature_layer=parts.feature_layer,
+                             vision_feature_select_strategy=LLAVA_STRATEGY[parts.prefix],
                              multimodal_projector_bias=True)
         model = LlavaForConditionalGeneration(config).float().eval()
 
@@ -110,7 +148,7 @@ class Llava(ExportFormat):
         state[emb_key] = grow(state[emb_key], parts.separator)
         with torch.no_grad():
             model.model.language_model.load_state_dict(state)
-            model.model.vision_tower.load_state_dict(parts.clip.state_dict())
+            model.model.vision_tower.load_state_dict(parts.vision.state_dict())
             proj = model.model.multi_modal_projector
             if parts.projector_name == "linear":
                 proj.linear_1.load_state_dict(parts.projector.state_dict())
@@ -149,6 +187,10 @@ class Llava(ExportFormat):
                 bias.zero_()  # the export required it to be zero
         return lm, model.model.vision_tower, proj_state, separator
 
+    def selection(self, model):
+        strategy = {v: k for k, v in LLAVA_STRATEGY.items()}
+        return strategy[model.config.vision_feature_select_strategy], 0, False
+
 
 @FORMATS.register("phivlm")
 class Phivlm(ExportFormat):
@@ -158,14 +200,17 @@ class Phivlm(ExportFormat):
         from ..hf.configuration import PhivlmConfig
         from ..hf.modeling import PhivlmForConditionalGeneration
 
-        config = PhivlmConfig(vision_config=copy.deepcopy(parts.clip.config),
+        config = PhivlmConfig(vision_config=copy.deepcopy(parts.vision.config),
                               text_config=copy.deepcopy(parts.lm.config), projector=parts.projector_name,
                               projector_depth=parts.projector_depth, vision_feature_layer=parts.feature_layer,
+                              vision_prefix_tokens=parts.prefix,
+                              image_grid_side=parts.pooled_side if parts.pooled else 0,
+                              interpolate_pos_encoding=parts.interpolate,
                               image_token_id=parts.image_token_id, image_sep_token_id=parts.image_sep_token_id,
                               image_seq_length=parts.num_image_tokens)
         model = PhivlmForConditionalGeneration(config).float().eval()
         with torch.no_grad():
-            model.vision_tower.load_state_dict(parts.clip.state_dict())
+            model.vision_tower.load_state_dict(parts.vision.state_dict())
             model.projector.load_state_dict(parts.projector.state_dict())
             model.separator.copy_(parts.separator)
             model.language_model.load_state_dict(parts.lm.state_dict())
@@ -173,3 +218,7 @@ class Phivlm(ExportFormat):
 
     def unpack(self, model, meta):
         return model.language_model, model.vision_tower, model.projector.state_dict(), model.separator.detach()
+
+    def selection(self, model):
+        c = model.config
+        return c.vision_prefix_tokens, c.image_grid_side, c.interpolate_pos_encoding

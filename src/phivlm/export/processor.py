@@ -1,8 +1,9 @@
-"""The exported processor: CLIP image processor + the LM tokenizer with ``<image>`` and ``<image_sep>``
+"""The exported processor: the tower's image processor + the LM tokenizer with ``<image>`` and ``<image_sep>``
 added, and a chat template that renders prompts exactly as phivlm's template does.
 
-phivlm's input is ``[49 image embeddings][separator][text]``; in the export the separator is a real token,
-``<image_sep>``, written right after ``<image>`` (which the processor expands to 49 ``<image>`` tokens).
+phivlm's input is ``[N image embeddings][separator][text]``; in the export the separator is a real token,
+``<image_sep>``, written right after ``<image>`` (which the processor expands to N ``<image>`` tokens: 49 for
+CLIP ViT-B/32 at 224 px; ``token_layout`` gives the counting settings for every tower and token grid).
 """
 from __future__ import annotations
 
@@ -75,16 +76,42 @@ def add_image_tokens(tok) -> tuple[int, int]:
     return img, sep
 
 
-def build_processor(tok, image_processor, template: str, patch_size: int):
-    """A ``LlavaProcessor`` (``tok`` must already hold the image tokens) with phivlm's prompt format."""
+def token_layout(parts) -> dict:
+    """``LlavaProcessor`` settings that expand ``<image>`` to exactly the model's ``num_image_tokens``.
+
+    The processor counts ``(H // patch_size) * (W // patch_size) + num_additional_image_tokens``, minus 1 with
+    ``vision_feature_select_strategy="default"``. Unpooled, that is the vision model's own patch grid: a CLS
+    that the model drops is Llava's ``default`` (+1 -1), no prefix (SigLIP) Llava's ``full`` (+0); a longer
+    prefix (CLS + registers, phivlm format only) is dropped whole, so ``full`` counts the patches kept. A pooled
+    grid counts cells of ``image_size // side`` pixels (``full``), corrected where that division is inexact."""
+    if not parts.pooled:
+        if parts.prefix == 1:
+            layout = {"patch_size": parts.vision.config.patch_size, "vision_feature_select_strategy": "default",
+                      "num_additional_image_tokens": 1}
+        else:
+            layout = {"patch_size": parts.vision.config.patch_size, "vision_feature_select_strategy": "full",
+                      "num_additional_image_tokens": 0}
+    else:
+        cell = parts.image_size // parts.pooled_side
+        layout = {"patch_size": cell, "vision_feature_select_strategy": "full",
+                  "num_additional_image_tokens": parts.pooled_side ** 2 - (parts.image_size // cell) ** 2}
+    n = (parts.image_size // layout["patch_size"]) ** 2 + layout["num_additional_image_tokens"] - \
+        (layout["vision_feature_select_strategy"] == "default")
+    if n != parts.num_image_tokens:
+        raise PhivlmError(f"the processor would expand <image> to {n} tokens, the model yields "
+                          f"{parts.num_image_tokens}")
+    return layout
+
+
+def build_processor(tok, image_processor, template: str, layout: dict):
+    """A ``LlavaProcessor`` (``tok`` must already hold the image tokens) with phivlm's prompt format;
+    ``layout``: ``token_layout``'s image-token counting settings."""
     from transformers import LlavaProcessor
 
     chat_template = CHAT_TEMPLATES.get(template)(tok)
     tok.chat_template = chat_template  # one template whichever object a user asks
-    # CLIP features drop the CLS token: (size / patch)^2 + 1 extra - 1 dropped = 49 image tokens at 224 px.
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=chat_template, image_token=IMAGE_TOKEN)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
+                          image_token=IMAGE_TOKEN, **layout)
 
 
 def check_prompts(processor, phivlm_tok, template: str, num_image_tokens: int, image_size: int) -> None:

@@ -1,8 +1,9 @@
 """``PhivlmForConditionalGeneration``: phivlm's model as a ``transformers`` model (generate, pipelines).
 
-The same computation as ``phivlm.models.vlm.PhiVLM`` with the vision tower inside: CLIP hidden states of
-``vision_feature_layer`` without CLS -> phivlm's own projector module -> spliced into the causal LM's input
-embeddings at ``image_token_id`` slots; ``image_sep_token_id`` slots get the learned separator. The LM keeps
+The same computation as ``phivlm.models.vlm.PhiVLM`` with the vision tower inside: the vision model's hidden
+states of ``vision_feature_layer`` -> phivlm's own feature selection (``select_features``: leading CLS/register
+tokens dropped, the patch grid optionally pooled) -> phivlm's own projector module -> spliced into the causal
+LM's input embeddings at ``image_token_id`` slots; ``image_sep_token_id`` slots get the learned separator. The LM keeps
 its own vocabulary and output layer (bias included), so its logits are phivlm's.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from ..models.projector import build_projector
+from ..models.vision import select_features
 from .configuration import PhivlmConfig
 
 
@@ -45,8 +47,10 @@ class PhivlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, patches, d_lm) projected patch features."""
-        out = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.vision_feature_layer][:, 1:]
+        c = self.config
+        kw = {"interpolate_pos_encoding": True} if c.interpolate_pos_encoding else {}
+        out = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, **kw)
+        feats = select_features(out.hidden_states[c.vision_feature_layer], c.vision_prefix_tokens, c.image_grid_side)
         return self.projector(feats.to(self.separator.dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:

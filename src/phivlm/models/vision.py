@@ -162,11 +162,19 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # the encoder ends at ``feature_layer``: its last hidden state is that layer's (with no layers left,
-        # feature_layer 0, it is the encoder's input)
+        # the encoder ends at ``feature_layer``: its output is that layer's hidden state (with no layers left,
+        # feature_layer 0, it is the encoder's input). Read from the encoder itself: the model's
+        # last_hidden_state may be layer-normed (SigLIP, DINOv2), and transformers records no
+        # hidden_states at all for an encoder without layers.
         kw = {"interpolate_pos_encoding": True} if self.interpolate else {}
-        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True, **kw)
-        return select_features(out.hidden_states[-1], self.prefix, self.pooled_side)
+        encoder, _ = _resolve_attr(self.model, self.type.layers)
+        seen: list[torch.Tensor] = []
+        handle = encoder.register_forward_hook(lambda m, args, out: seen.append(out.last_hidden_state))
+        try:
+            self.model(pixel_values=pixel_values.to(self.model.dtype), **kw)
+        finally:
+            handle.remove()
+        return select_features(seen[-1], self.prefix, self.pooled_side)
 
 
 def _processor_size(processor, cfg) -> int:
