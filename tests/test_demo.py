@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from phivlm.demo import PRESETS, print_examples, stage_configs
 
@@ -30,3 +31,40 @@ def test_stage_configs_chain_stage1_into_lora_stage2(tmp_path):
         data["instruct_train"], p.s2_template, "lora", p.lora_dropout)
     assert (s2.train.max_steps, s2.train.lr, s2.train.lm_lr) == (p.s2_steps, p.s2_lr, p.s2_lr)
     assert s1.data.features == s2.data.features  # one feature cache serves both stages
+
+
+def test_stopped_at_eos_counts_answers_shorter_than_the_cap(tmp_path):
+    from phivlm.demo import stopped_at_eos
+    from phivlm.evaluate.run import MAX_NEW_TOKENS
+
+    class Tok:  # one token per character: the cap is MAX_NEW_TOKENS["qa"] characters
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text)}
+
+    cap = MAX_NEW_TOKENS["qa"]
+    rows = [{"model": "red"}, {"model": "x" * (cap - 1)}, {"model": "x" * cap}, {"model": "y" * (cap + 3)}]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert stopped_at_eos(path, Tok()) == 0.5
+
+
+def test_host_report_names_precision_and_estimate(monkeypatch):
+    from phivlm import demo
+
+    monkeypatch.setattr(demo, "matmul_gflops", lambda precision: 100.0)
+    monkeypatch.setattr(demo, "choose_precision", lambda p, d: ("fp32", "the CPU has no native bf16"))
+    p = PRESETS["default"]
+    text = demo.host_report(p)
+    assert "precision: fp32 (the CPU has no native bf16)" in text
+    assert f"~{p.ref_s * (p.ref_gflops / 100.0) ** 0.5 / 60:.0f} min" in text
+    assert "threads" in text and "capability" in text
+
+
+def test_presets_run_the_pretrained_tower_in_the_hosts_precision():
+    p = PRESETS["default"]
+    assert (p.vision, p.lm) == ("dinov2-small", "smollm2-135m")
+    assert PRESETS["long"].s1_steps > p.s1_steps and PRESETS["long"].s2_steps > p.s2_steps
+    s1, _ = stage_configs(Path("/tmp/x"), {k: "x" for k in ("captions_train", "instruct_train", "images")}, "default")
+    assert s1.train.precision == "auto"
+    assert (s1.model.image_size, s1.model.image_tokens, s1.model.feature_layer) == (
+        p.image_size, p.image_tokens, p.feature_layer)

@@ -338,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="end to end: synth data, stage 1, stage 2, held-out accuracy")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--tiny", action="store_true", help="tiny random models (seconds, for tests)")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny random models (seconds, for tests)")
+    size.add_argument("--long", action="store_true", help="more training steps for a stronger result (~3x the time)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="speed and memory against the transformers Llava reference (see BENCHMARKS.md)")

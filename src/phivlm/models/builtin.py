@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN: Registry[Callable[[Path], None]] = Registry("built-in model")
 RANDOM_VISION_WARNING = (
-    "vision tower {name!r} has RANDOM weights (real CLIP ViT-B/32 architecture and preprocessing, "
-    "no pretrained weights offline): fine for testing the pipeline, not for real use"
+    "vision tower {name!r} has RANDOM weights (a real architecture and preprocessing, no pretrained weights "
+    "offline): fine for testing the pipeline, not for real use; the pretrained built-in is dinov2-small"
 )
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML = (
