@@ -75,25 +75,23 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def train_run():
     """``run(cfg, init)``: ``phivlm.train.loop.train`` capturing the in-memory model and vision towers."""
-    from phivlm.models.vision import VisionTower
     from phivlm.train import loop
 
     def run(cfg, init: Path | None = None) -> TrainedRun:
         towers: list = []
         saved: dict = {}
-        real_save = loop.save_checkpoint
+        real_save, real_build = loop.save_checkpoint, loop.build_tower
 
-        class RecordingTower(VisionTower):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                towers.append(self)
+        def build_tower(*args, **kwargs):
+            towers.append(real_build(*args, **kwargs))
+            return towers[-1]
 
         def save(vlm, *args, **kwargs):
             saved["vlm"] = vlm
             return real_save(vlm, *args, **kwargs)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(loop, "VisionTower", RecordingTower)
+            mp.setattr(loop, "build_tower", build_tower)
             mp.setattr(loop, "save_checkpoint", save)
             ckpt = loop.train(cfg, init=init)
         return TrainedRun(ckpt, saved["vlm"], towers)

@@ -83,6 +83,8 @@ BAD = {
     "text.jpg": (b"I am a text file, not a JPEG\n", "not an image file"),
     "one.png": ("1x1", r"image too small \(1x1"),
     "bomb.png": (png_header_only(10_000, 10_000), r"image too large \(10000x10000"),
+    # 400 kpx passes the pixel limit, but a resize of its short side to 224 px would ask for ~19 GiB
+    "strip.png": (png_header_only(200_000, 2), r"image too elongated \(200000x2"),
     "../../etc/passwd": (None, "escapes the image folder"),
     "/etc/passwd": (None, "escapes the image folder"),
     "a\0b.png": (None, "not a usable image path"),
@@ -145,6 +147,19 @@ def test_bad_images_are_refused_naming_file_and_problem(images, monkeypatch):
     with pytest.raises(BadImage, match="huge.png: image too large"):
         open_rgb(images / "huge.png")
     assert 10_000 * 10_000 > MAX_PIXELS
+
+
+def test_memory_error_while_decoding_is_a_bad_image(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+
+    def oom(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", oom)
+    with pytest.raises(BadImage, match="x.png: image needs more memory to decode than is available"):
+        open_rgb(tmp_path / "x.png")
 
 
 # -- annotation files ------------------------------------------------------------------------------

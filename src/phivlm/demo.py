@@ -100,7 +100,7 @@ def stopped_at_eos(predictions: Path, tok) -> float:
                for r in rows) / max(len(rows), 1)
 
 
-def matmul_gflops(precision: str, n: int = 512, seconds: float = 0.3) -> float:
+def matmul_gflops(precision: str, n: int = 512, seconds: float = 1.0) -> float:
     """Attainable matmul GFLOP/s of this host in ``precision`` (a short probe)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

@@ -10,6 +10,9 @@ from ..registry import PhivlmError
 
 MAX_PIXELS = 64_000_000  # larger images are refused from the header, before decoding (decompression bombs)
 MIN_SIDE = 2  # images with a side below this (e.g. 1x1 tracking pixels) are refused
+# long side / short side: processors resize the short side up to the tower's size, so a 200000x2 strip (1 KB
+# as a PNG) would become a ~19 GiB array; at 50:1 a resize to 518 px stays under 14 Mpx
+MAX_ASPECT = 50
 
 
 class BadImage(PhivlmError):
@@ -48,6 +51,9 @@ def open_rgb(path: str | Path) -> Image.Image:
                 raise BadImage(f"{p}: image too large ({im.width}x{im.height} > {MAX_PIXELS} pixels)")
             if min(im.size) < MIN_SIDE:
                 raise BadImage(f"{p}: image too small ({im.width}x{im.height}; each side must be >= {MIN_SIDE})")
+            if max(im.size) > MAX_ASPECT * min(im.size):
+                raise BadImage(f"{p}: image too elongated ({im.width}x{im.height}; the long side may be at most "
+                               f"{MAX_ASPECT}x the short one)")
             im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale -> 8-bit
@@ -64,5 +70,7 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise BadImage(f"{p}: image too large (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise BadImage(f"{p}: not an image file (unrecognised format)") from None
+    except MemoryError:  # a crafted file whose decoder asks for more than there is
+        raise BadImage(f"{p}: image needs more memory to decode than is available") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise BadImage(f"{p}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

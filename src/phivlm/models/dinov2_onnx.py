@@ -62,7 +62,7 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
             weight = next(inits[i] for i in node.input if i in inits)
             sd[f"encoder.layer.{m.group(1)}.{_LINEARS[m.group(2)]}.weight"] = weight.T  # x @ W -> W^T for Linear
     sd["embeddings.position_embeddings"] = np.concatenate([inits[_CLS_POS], inits[_PATCH_POS]], axis=1)
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in sd.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}  # own, writable copies
 
 
 def convert(onnx_path: Path, out: Path) -> None:

@@ -90,7 +90,10 @@ def _load_model(path: str, name: str):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise PhivlmError(f"{name}: cannot load vision tower ({str(e).splitlines()[0]})") from None
-    t = tower_type(config)
+    try:
+        t = tower_type(config)
+    except PhivlmError as e:  # e.g. a language model's folder
+        raise PhivlmError(f"{name}: cannot load vision tower ({e})") from None
     try:
         return getattr(transformers, t.model_class).from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:
