@@ -267,6 +267,26 @@ class NanAt:
         return self.objective.tf_rate(step, steps)
 
 
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class NanGradAt(NanAt):
+    """Wraps an objective: the loss of 0-based step ``step`` is finite but its gradients are NaN."""
+
+    def __call__(self, vlm, batch, step, steps):
+        loss = self.objective(vlm, batch, step, steps)
+        return _NanGrad.apply(loss) if step == self.step else loss
+
+
 def pretrain_config(data: dict, out: Path, *extra):
     args = build_parser().parse_args([str(a) for a in (
         "pretrain", "--data", data["captions_train"], "--images", data["images"], "--features", data["features"],
@@ -282,6 +302,24 @@ def test_non_finite_loss_stops_naming_the_last_good_checkpoint(data, tmp_path, m
         loop.train(pretrain_config(data, tmp_path / "run"))
     assert str(tmp_path / "run" / "checkpoints" / "step-0000004") in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_the_weights_change(data, tmp_path, monkeypatch):
+    build = loop.build_objective
+    monkeypatch.setattr(loop, "build_objective", lambda t: NanGradAt(build(t), 4))
+    with pytest.raises(PhivlmError, match="non-finite gradient at step 5") as e:
+        loop.train(pretrain_config(data, tmp_path / "run"))
+    last = tmp_path / "run" / "checkpoints" / "step-0000004"
+    assert str(last) in str(e.value)
+    assert all(torch.isfinite(v).all() for v in weights(last).values())
+
+
+def test_nan_gradient_is_skipped_with_skip_nonfinite(data, tmp_path, monkeypatch):
+    build = loop.build_objective
+    monkeypatch.setattr(loop, "build_objective", lambda t: NanGradAt(build(t), 4))
+    ckpt = loop.train(pretrain_config(data, tmp_path / "run", "--skip-nonfinite"))
+    assert json.loads((ckpt / "state.json").read_text())["nonfinite_skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
 
 
 def test_skip_nonfinite_finishes_and_counts_the_skipped_batches(data, tmp_path, monkeypatch):

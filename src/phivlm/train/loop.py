@@ -286,20 +286,26 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.item() * n
             mean_loss = dist.sum(loss_sum) / max(n_global, 1)
-            if not math.isfinite(mean_loss):
+            bad = None if math.isfinite(mean_loss) else "loss"
+            if bad is None:
+                if scaler:
+                    scaler.unscale_(opt)
+                norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+                # a finite loss can still give NaN/inf gradients; the step would write them into the weights
+                # (fp16: the loss scaler skips such steps itself)
+                bad = None if scaler or math.isfinite(float(norm)) else "gradient"
+            if bad:
                 if not t.skip_nonfinite:
                     last = state.latest(out)
-                    raise PhivlmError(f"non-finite loss at step {step + 1}; stopped (last good checkpoint: "
+                    raise PhivlmError(f"non-finite {bad} at step {step + 1}; stopped (last good checkpoint: "
                                       f"{last or 'none'}; lower --lr or use --skip-nonfinite)")
                 n_nonfinite += 1
-                log.warning("non-finite loss at step %d: batch skipped (%d so far)", step + 1, n_nonfinite)
+                log.warning("non-finite %s at step %d: batch skipped (%d so far)", bad, step + 1, n_nonfinite)
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 bar.update(1)
                 continue
-            if scaler:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             if scaler:
                 scaler.step(opt)
                 scaler.update()
