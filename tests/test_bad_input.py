@@ -493,3 +493,33 @@ def test_single_faults_exit_nonzero_with_one_line_and_leave_outputs(skip_run, tm
             assert part in line, (name, line)
     for name, before in kept.items():  # the failed runs into `out` left its outputs byte-identical
         assert (snapshot(out / name) if name == "checkpoint" else (out / name).read_bytes()) == before, name
+
+
+# -- remote code only on the command line's say-so ---------------------------------------------------------
+
+def test_a_checkpoint_asking_for_remote_code_is_refused_unless_the_command_allows_it(capsys, ckpts, tmp_path):
+    import yaml
+
+    from phivlm.train.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "remote"
+    shutil.copytree(ckpts["frozen"], ckpt)
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["model"]["trust_remote_code"] = True  # what a downloaded checkpoint could say
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    image = ckpts["images"] / "good.jpg"
+    refused = f"{ckpt}: this checkpoint asks for trust_remote_code"
+    for argv in (["caption", "--checkpoint", ckpt, "--image", image, "--device", "cpu"],
+                 ["generate", "--checkpoint", ckpt, "--input", tmp_path / "q.jsonl", "--output", tmp_path / "a.jsonl"],
+                 ["merge", "--checkpoint", ckpt, "--out", tmp_path / "merged"],
+                 ["finetune", "--checkpoint", ckpt, "--data", ckpts["data"], "--images", ckpts["images"],
+                  "--output", tmp_path / "ft", "--max-steps", 1]):
+        rc, err = cli(capsys, *argv)
+        assert rc == 2 and error_line(err).startswith(f"phivlm: error: {refused}"), (argv[0], err)
+        assert "--trust-remote-code" in error_line(err)
+    with pytest.raises(PhivlmError, match="asks for trust_remote_code"):
+        load_checkpoint(ckpt)
+    # allowed by the command: the check passes and the (ordinary) model loads
+    rc, err = cli(capsys, "caption", "--checkpoint", ckpt, "--image", image, "--device", "cpu",
+                  "--max-new-tokens", 2, "--trust-remote-code")
+    assert rc == 0, err

@@ -97,12 +97,12 @@ def cmd_pretrain(args) -> int:
 
 def cmd_finetune(args) -> int:
     launch_torchrun(args, finetune_defaults())
-    from .train.checkpoint import merge_checkpoint, resolve_checkpoint
+    from .train.checkpoint import checkpoint_config, merge_checkpoint, resolve_checkpoint
     from .train.loop import train
 
     init = resolve_checkpoint(args.checkpoint)
     base = finetune_defaults()
-    base.model = RunConfig.load(init / "config.yaml").model
+    base.model = checkpoint_config(init, bool(getattr(args, "model.trust_remote_code", None))).model
     cfg = config_from_args(args, finetune_defaults(), base=base)
     for key in ("vision", "lm"):
         if getattr(cfg.model, key) != getattr(base.model, key):
@@ -118,14 +118,14 @@ def cmd_finetune(args) -> int:
 def cmd_merge(args) -> int:
     from .train.checkpoint import merge_checkpoint
 
-    print(f"merged model written to {merge_checkpoint(args.checkpoint, args.out)}")
+    print(f"merged model written to {merge_checkpoint(args.checkpoint, args.out, args.trust_remote_code)}")
     return 0
 
 
 def cmd_caption(args) -> int:
     from .infer import Assistant, caption
 
-    assistant = Assistant(args.checkpoint, args.device)
+    assistant = Assistant(args.checkpoint, args.device, trust_remote_code=args.trust_remote_code)
     for path, text in zip(args.image, caption(assistant, args.image, generation_config(args))):
         print(f"{path}: {text}")
     return 0
@@ -134,7 +134,7 @@ def cmd_caption(args) -> int:
 def cmd_chat(args) -> int:
     from .infer import Assistant, load_image
 
-    assistant = Assistant(args.checkpoint, args.device)
+    assistant = Assistant(args.checkpoint, args.device, trust_remote_code=args.trust_remote_code)
     image = load_image(args.image)
     gen = generation_config(args)
     turns: list[tuple[str, str]] = []
@@ -161,7 +161,7 @@ def cmd_generate(args) -> int:
     from .data.images import image_path
     from .infer import Assistant, load_image
 
-    assistant = Assistant(args.checkpoint, args.device)
+    assistant = Assistant(args.checkpoint, args.device, trust_remote_code=args.trust_remote_code)
     rows = []
     for i, line in enumerate(Path(args.input).read_text().splitlines()):
         if line.strip():
@@ -198,7 +198,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(args.checkpoint, generation_config(args), args.host, args.port, args.share, args.concurrency,
-          args.device, args.seed)
+          args.device, args.seed, args.trust_remote_code)
     return 0
 
 
@@ -208,7 +208,7 @@ def cmd_eval(args) -> int:
     data = [args.data] + ([args.captions] if args.captions else [])
     baselines = [] if args.no_baselines else [b.strip() for b in args.baselines.split(",") if b.strip()]
     report, metrics = evaluate(args.checkpoint, data, args.images, args.out, args.limit, args.batch_size,
-                               baselines, args.device)
+                               baselines, args.device, trust_remote_code=args.trust_remote_code)
     print(f"{summary(metrics)}\nreport: {report}")
     return 0
 
@@ -278,18 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("merge", help="merge a LoRA/QLoRA checkpoint into a standalone one")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("caption", help="caption images with a checkpoint")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--image", nargs="+", required=True)
     add_generation_args(s)
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat about an image")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--image", required=True)
     add_generation_args(s)
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("generate", help="batch answers for a JSONL of {image, prompt}")
@@ -299,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", default="", help="folder the 'image' paths are relative to")
     s.add_argument("--batch-size", type=int, default=8)
     add_generation_args(s)
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder (LoRA merged)")
@@ -319,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     s.add_argument("--concurrency", type=int, default=1, help="requests answered at once; the rest queue")
     add_generation_args(s)
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("eval", help="score a checkpoint on held-out Q&A and/or captions, with grounding baselines")
@@ -334,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grounding baselines, comma-separated: blind (image features zeroed), shuffled (another image's)")
     s.add_argument("--no-baselines", action="store_true", help="skip the grounding baselines")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="end to end: synth data, stage 1, stage 2, held-out accuracy")

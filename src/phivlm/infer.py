@@ -19,9 +19,10 @@ CAPTION_PROMPT = "Describe the image briefly."
 class Assistant:
     """A checkpoint ready to answer: ``answer`` for batches, ``stream`` for one chat turn."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str | None = None):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str | None = None,
+                 trust_remote_code: bool = False):
         self.device = pick_device(device)
-        self.loaded: Loaded = load_checkpoint(checkpoint, self.device)
+        self.loaded: Loaded = load_checkpoint(checkpoint, self.device, trust_remote_code=trust_remote_code)
         self.cfg = self.loaded.cfg
         self.precision = precision or self.cfg.train.precision  # "auto" (the default) lets the host decide
         self.template = get_template(self.cfg.data.template)

@@ -181,11 +181,12 @@ def build_app(assistant: Assistant, checkpoint: str | Path, gen: GenerationConfi
 
 
 def serve(checkpoint: str | Path, gen: GenerationConfig, host: str = "127.0.0.1", port: int = 7860,
-          share: bool = False, concurrency: int = 1, device: str = "auto", seed: int = 0) -> None:
+          share: bool = False, concurrency: int = 1, device: str = "auto", seed: int = 0,
+          trust_remote_code: bool = False) -> None:
     """Load the checkpoint and serve the demo until interrupted."""
     if concurrency < 1:
         raise PhivlmError(f"--concurrency must be at least 1 (got {concurrency})")
-    assistant = Assistant(checkpoint, device)
+    assistant = Assistant(checkpoint, device, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="phivlm-serve-") as tmp:
         examples = example_images(Path(tmp), seed)
         demo = build_app(assistant, resolve_checkpoint(checkpoint).resolve(), gen, examples, seed)

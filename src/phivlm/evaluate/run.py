@@ -122,7 +122,7 @@ def predict(assistant: Assistant, items: list[Item], feats: torch.Tensor, row: d
 
 def evaluate(checkpoint: str | Path, data: list[str | Path], images: str | Path, out: str | Path = "eval",
              limit: int = 0, batch_size: int = 32, baselines: Sequence[str] | None = None,
-             device: str = "auto", seed: int = 0) -> tuple[Path, dict]:
+             device: str = "auto", seed: int = 0, trust_remote_code: bool = False) -> tuple[Path, dict]:
     """Evaluate on each file of ``data`` with the named grounding ``baselines`` (None: all); returns
     (report path, metrics)."""
     baselines = list(BASELINES) if baselines is None else baselines
@@ -137,7 +137,7 @@ def evaluate(checkpoint: str | Path, data: list[str | Path], images: str | Path,
         tasks[kind] = items
     if "captions" in tasks:
         cm.prepare()  # METEOR's Java process loads while the model generates
-    assistant = Assistant(checkpoint, device)
+    assistant = Assistant(checkpoint, device, trust_remote_code=trust_remote_code)
     names = list(dict.fromkeys(it.image for items in tasks.values() for it in items))
     row = {n: i for i, n in enumerate(names)}
     feats = {"model": image_features(assistant, images, names, batch_size)}

@@ -158,14 +158,25 @@ def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: di
     return out
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", trainable: bool = False) -> Loaded:
+def checkpoint_config(ckpt: Path, trust_remote_code: bool = False) -> RunConfig:
+    """A checkpoint's run config. Remote code runs only when the command being run allows it: a checkpoint
+    that asks for ``trust_remote_code`` itself (its LM would run Python shipped with it) is refused."""
+    cfg = RunConfig.load(ckpt / "config.yaml")
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise PhivlmError(f"{ckpt}: this checkpoint asks for trust_remote_code (its language model would run "
+                          "Python code shipped with it); pass --trust-remote-code if you trust its source")
+    return cfg
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", trainable: bool = False,
+                    trust_remote_code: bool = False) -> Loaded:
     """Everything needed for inference from a checkpoint folder (or a ``phivlm export`` folder), in a fresh process."""
     from ..export import is_export, load_export
 
     if is_export(path):
         return load_export(path, device)
     ckpt = resolve_checkpoint(path)
-    cfg = RunConfig.load(ckpt / "config.yaml")
+    cfg = checkpoint_config(ckpt, trust_remote_code)
     device = torch.device(device)
     tower = build_tower(cfg.model).to(device)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, device, init=ckpt, trainable=trainable)
@@ -173,11 +184,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", traina
     return Loaded(vlm, tok, tower, cfg)
 
 
-def load_merged(path: str | Path) -> Loaded:
+def load_merged(path: str | Path, trust_remote_code: bool = False) -> Loaded:
     """A checkpoint on the CPU in eval mode with its LoRA/QLoRA adapter merged into the LM (``lm_tuning``
     becomes ``full``). QLoRA adapters merge into the unquantised base weights."""
     ckpt = resolve_checkpoint(path)
-    cfg = RunConfig.load(ckpt / "config.yaml")
+    cfg = checkpoint_config(ckpt, trust_remote_code)
     tower = build_tower(cfg.model)
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"), init=ckpt,
                          trainable=False, quantize=False)
@@ -188,11 +199,11 @@ def load_merged(path: str | Path) -> Loaded:
     return Loaded(vlm, tok, tower, cfg)
 
 
-def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
+def merge_checkpoint(path: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
     """Merge a LoRA/QLoRA checkpoint into a standalone full checkpoint (LM weights in ``lm/``)."""
     ckpt = resolve_checkpoint(path)
-    cfg = RunConfig.load(ckpt / "config.yaml")
+    cfg = checkpoint_config(ckpt, trust_remote_code)
     if cfg.tuning.lm_tuning not in ("lora", "qlora"):
         raise PhivlmError(f"{ckpt}: nothing to merge (lm_tuning is {cfg.tuning.lm_tuning!r})")
-    merged = load_merged(ckpt)
+    merged = load_merged(ckpt, trust_remote_code)
     return save_checkpoint(merged.vlm, merged.cfg, merged.tok, out, {"merged_from": str(ckpt)})
