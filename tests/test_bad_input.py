@@ -149,6 +149,13 @@ def test_bad_images_are_refused_naming_file_and_problem(images, monkeypatch):
     assert 10_000 * 10_000 > MAX_PIXELS
 
 
+def test_symlink_loop_is_a_bad_image(tmp_path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    with pytest.raises(BadImage, match=r"a.png: not a usable image path \(symlink loop|Too many levels"):
+        open_rgb(image_path(tmp_path, "a.png"))
+
+
 def test_memory_error_while_decoding_is_a_bad_image(tmp_path, monkeypatch):
     from PIL import ImageFile
 

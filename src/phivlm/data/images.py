@@ -26,6 +26,8 @@ def image_path(image_dir: str | Path, name: str) -> Path:
         p = (root / name).resolve()
     except (OSError, ValueError) as e:  # an embedded NUL byte, a name the OS cannot take
         raise BadImage(f"{name!r}: not a usable image path ({e})") from None
+    except RuntimeError:  # Python <= 3.12: a symlink loop
+        raise BadImage(f"{name}: not a usable image path (symlink loop)") from None
     if root != p and root not in p.parents:
         raise BadImage(f"{name}: image path escapes the image folder {root}")
     return p
