@@ -71,6 +71,11 @@ def cmd_features(args) -> int:
     return 0
 
 
+def add_trust_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+
+
 def launch_torchrun(args, defaults: RunConfig) -> None:
     """``--nproc N``: re-run this very command under torchrun with N processes on this machine."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -278,24 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("merge", help="merge a LoRA/QLoRA checkpoint into a standalone one")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("caption", help="caption images with a checkpoint")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--image", nargs="+", required=True)
     add_generation_args(s)
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat about an image")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--image", required=True)
     add_generation_args(s)
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("generate", help="batch answers for a JSONL of {image, prompt}")
@@ -305,8 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", default="", help="folder the 'image' paths are relative to")
     s.add_argument("--batch-size", type=int, default=8)
     add_generation_args(s)
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder (LoRA merged)")
@@ -327,8 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     s.add_argument("--concurrency", type=int, default=1, help="requests answered at once; the rest queue")
     add_generation_args(s)
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("eval", help="score a checkpoint on held-out Q&A and/or captions, with grounding baselines")
@@ -344,8 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grounding baselines, comma-separated: blind (image features zeroed), shuffled (another image's)")
     s.add_argument("--no-baselines", action="store_true", help="skip the grounding baselines")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="end to end: synth data, stage 1, stage 2, held-out accuracy")

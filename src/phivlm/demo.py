@@ -28,7 +28,7 @@ REF_GFLOPS = 398.0
 
 @dataclass(frozen=True)
 class Preset:
-    """What the demo trains; tuned to fit its CPU time budget (see README, "Known limitation")."""
+    """What the demo trains; tuned to fit its CPU time budget (see README, "Quick start")."""
 
     vision: str
     lm: str
@@ -46,10 +46,9 @@ class Preset:
     # with its system prompt, and LoRA dropout costs ~30% of a CPU step (one RNG mask per adapted layer)
     s2_template: str = "plain"
     lora_dropout: float = 0.0
-    # the time estimate: wall seconds measured on a reference host whose matmul probe gave ref_gflops, scaled by
-    # the square root of the probe ratio (measured here: bf16 vs fp32 probes differ 2.1x, training steps 1.45x)
+    # the time estimate: wall seconds measured on the reference host (REF_GFLOPS), scaled by the square root of
+    # the probe ratio (measured there: bf16 vs fp32 probes differ 2.1x, training steps 1.45x)
     ref_s: float = 0.0
-    ref_gflops: float = REF_GFLOPS
 
 
 PRESETS = {
@@ -114,12 +113,13 @@ def matmul_gflops(precision: str, n: int = 512, seconds: float = 1.0) -> float:
 
 def host_report(preset: Preset) -> str:
     """The host, the precision ``auto`` picks and why, threads, and the demo's estimated wall time."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU") \
-        if Path("/proc/cpuinfo").exists() else platform.processor() or "unknown CPU"
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
     precision, why = choose_precision("auto", torch.device("cpu"))
     gflops = matmul_gflops(precision)
-    est = preset.ref_s * (preset.ref_gflops / gflops) ** 0.5
+    est = preset.ref_s * (REF_GFLOPS / gflops) ** 0.5
     return (f"host: {cpu}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; {torch.get_num_threads()} "
             f"threads\nprecision: {precision} ({why}); matmul probe {gflops:.0f} GFLOP/s\n"
             f"estimated time: ~{est / 60:.0f} min")

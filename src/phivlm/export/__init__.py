@@ -113,7 +113,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
 def vision_parts(tower: VisionTower, vision) -> dict:
     """The ``Parts`` fields that say how phivlm reads ``vision`` (``tower``'s model with all its layers)."""
     return {"vision": vision, "prefix": tower.prefix, "image_size": tower.image_size,
-            "grid": tower.image_size // vision.config.patch_size, "pooled_side": tower.pooled_side,
+            "grid": tower.grid, "pooled_side": tower.pooled_side,
             "interpolate": tower.interpolate, "num_image_tokens": tower.num_patches}
 
 
@@ -155,8 +155,7 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     lm, vision, projector_state, separator = fmt.unpack(model, meta)
     tower = VisionTower(str(path), cfg.model.feature_layer, model=vision, image_size=cfg.model.image_size,
                         image_tokens=cfg.model.image_tokens)
-    native = tower.image_size // vision.config.patch_size
-    own = (tower.prefix, tower.pooled_side if tower.pooled_side != native else 0, tower.interpolate)
+    own = (tower.prefix, tower.pooled_side if tower.pooled_side != tower.grid else 0, tower.interpolate)
     if fmt.selection(model) != own:
         raise PhivlmError(f"{path}: the model reads its image features as (prefix, pooled grid, interpolation) "
                           f"{fmt.selection(model)}, its phivlm config as {own}")

@@ -51,11 +51,6 @@ def tower_type(config) -> TowerType:
     return TOWER_TYPES.get(config.model_type)
 
 
-def vision_config(config):
-    """The vision part of a config (a full CLIP/SigLIP config holds it as ``vision_config``)."""
-    return getattr(config, "vision_config", None) or config
-
-
 def grid_side(image_tokens: int) -> int:
     side = math.isqrt(image_tokens)
     if side * side != image_tokens:
@@ -131,7 +126,7 @@ class VisionTower(nn.Module):
         self.image_size = image_size or _processor_size(self.processor, cfg)
         if image_size:
             resize_processor(self.processor, image_size)
-        grid = self.image_size // cfg.patch_size
+        self.grid = grid = self.image_size // cfg.patch_size  # side of the native patch grid at this size
         self.pooled_side = grid_side(image_tokens) if image_tokens else 0
         if self.pooled_side > grid:
             raise PhivlmError(f"image_tokens {image_tokens} exceeds the {grid}x{grid} patch grid of {name} "
