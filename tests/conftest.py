@@ -162,3 +162,18 @@ def learned_eval(learned, tmp_path_factory) -> dict:
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "predictions": predictions,
             "questions": questions}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synth_data, tmp_path_factory) -> Path:
+    """A chat-template checkpoint (tiny-clip + tiny-llama, projector trained two steps)."""
+    from phivlm.config import RunConfig
+    from phivlm.train.loop import train
+
+    out = tmp_path_factory.mktemp("serve")
+    cfg = RunConfig()
+    cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-llama"
+    cfg.data.data, cfg.data.images, cfg.data.template = synth_data["instruct_train"], synth_data["images"], "auto"
+    cfg.data.features, cfg.data.limit = str(out / "features"), 8
+    cfg.train.output, cfg.train.max_steps, cfg.train.batch_size = str(out / "run"), 2, 4
+    return train(cfg)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -118,7 +120,7 @@ def test_features_match_tower_and_resume(tmp_path, synth_data, tiny_tower, image
     feats = store.get(image_names)
     assert feats.dtype == torch.float32 and feats.shape == (N_IMAGES, 49, tiny_tower.hidden_size)
     torch.testing.assert_close(feats, direct_features, rtol=1e-3, atol=1e-5)  # fp16 storage
-    folder = cache_dir(tmp_path, tiny_tower)
+    folder = cache_dir(tmp_path, tiny_tower, synth_data["images"])
     assert store.folder == folder
     shards = sorted(folder.glob("shard_*.json"))
     assert len(shards) == 3
@@ -128,8 +130,8 @@ def test_features_match_tower_and_resume(tmp_path, synth_data, tiny_tower, image
     store, _ = build(tiny_tower, synth_data, image_names, tmp_path)
     assert encoded == {"names": [], "forward": 0} and len(store) == N_IMAGES
 
-    # resume: one shard lost (the first, so new shard numbers must not collide with the ones kept)
-    lost = json.loads(shards[0].read_text())
+    # resume: one shard lost (the first, so new shard names must not collide with the ones kept)
+    lost = json.loads(shards[0].read_text())["names"]
     shards[0].unlink()
     shards[0].with_suffix(".npy").unlink()
     store, _ = build(tiny_tower, synth_data, image_names, tmp_path)
@@ -144,7 +146,7 @@ def test_other_tower_gets_other_folder(tmp_path, synth_data, tiny_tower, image_n
     assert last.identity != tiny_tower.identity
     store_a, _ = build(tiny_tower, synth_data, image_names[:2], tmp_path)
     store_b, _ = build(last, synth_data, image_names[:2], tmp_path)
-    assert store_a.folder != store_b.folder and store_b.folder == cache_dir(tmp_path, last)
+    assert store_a.folder != store_b.folder and store_b.folder == cache_dir(tmp_path, last, synth_data["images"])
     assert not torch.allclose(store_a.get(image_names[:2]), store_b.get(image_names[:2]), atol=1e-2)
     assert VisionTower("tiny-clip").identity == tiny_tower.identity  # same tower, same folder
     # a cache folder written by another tower is refused
@@ -152,6 +154,84 @@ def test_other_tower_gets_other_folder(tmp_path, synth_data, tiny_tower, image_n
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "identity": "someone-else"}))
     with pytest.raises(PhivlmError, match="another vision tower"):
         build(tiny_tower, synth_data, image_names[:2], tmp_path)
+
+
+def _copy_images(src, dst, names):
+    dst.mkdir()
+    for n in names:
+        (dst / n).write_bytes((Path(src) / n).read_bytes())
+    return dst
+
+
+def _direct(tower, folder, names):
+    return tower(tower.preprocess([open_rgb(Path(folder) / n) for n in names]))
+
+
+def test_changed_image_is_encoded_again(tmp_path, synth_data, tiny_tower, image_names, encoded):
+    """A dataset regenerated in place, or a file replaced: the row is checked against its file (size, mtime)."""
+    images = _copy_images(synth_data["images"], tmp_path / "images", image_names[:3])
+    build_features(tiny_tower, images, image_names[:3], tmp_path / "f", batch_size=2, precision="fp32")
+    target = images / image_names[0]
+    target.write_bytes((Path(synth_data["images"]) / image_names[3]).read_bytes())  # other pixels, same name
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    encoded.update(names=[], forward=0)
+    store, _ = build_features(tiny_tower, images, image_names[:3], tmp_path / "f", batch_size=2, precision="fp32")
+    assert encoded["names"] == [image_names[0]]
+    torch.testing.assert_close(store.get(image_names[:3]), _direct(tiny_tower, images, image_names[:3]),
+                               rtol=1e-3, atol=1e-5)
+    assert len(list(store.folder.glob("shard_*.json"))) == 2  # the old row is kept but replaced
+
+
+def test_other_image_folder_same_names(tmp_path, synth_data, tiny_tower, image_names):
+    """Two folders holding files of the same names never share features."""
+    a = _copy_images(synth_data["images"], tmp_path / "a", image_names[:2])
+    b = tmp_path / "b"
+    b.mkdir()
+    for n, other in zip(image_names[:2], image_names[2:4]):
+        (b / n).write_bytes((Path(synth_data["images"]) / other).read_bytes())
+    sa, _ = build_features(tiny_tower, a, image_names[:2], tmp_path / "f", precision="fp32")
+    sb, _ = build_features(tiny_tower, b, image_names[:2], tmp_path / "f", precision="fp32")
+    assert sa.folder != sb.folder
+    torch.testing.assert_close(sb.get(image_names[:2]), _direct(tiny_tower, b, image_names[:2]), rtol=1e-3, atol=1e-5)
+    assert json.loads((sb.folder / "meta.json").read_text())["images"] == str(b.resolve())
+
+
+def test_concurrent_writers_do_not_collide(tmp_path, synth_data, tiny_tower, image_names, monkeypatch):
+    """Writer B fills the cache while writer A is encoding: both sets of rows survive, each with its own image."""
+    root, first, second = tmp_path / "f", image_names[:2], image_names[2:4]
+    forward = VisionTower.forward
+    state = {"interleaved": False}
+
+    def a_forward(self, pixels):
+        if not state["interleaved"]:  # A has chosen where to write; B runs to completion now
+            state["interleaved"] = True
+            build_features(tiny_tower, synth_data["images"], second, root, shard_size=1, precision="fp32")
+        return forward(self, pixels)
+
+    monkeypatch.setattr(VisionTower, "forward", a_forward)
+    build_features(tiny_tower, synth_data["images"], first, root, shard_size=1, precision="fp32")
+    monkeypatch.setattr(VisionTower, "forward", forward)
+    assert state["interleaved"]
+    store = FeatureStore(cache_dir(root, tiny_tower, synth_data["images"]))
+    assert len(store) == 4 and store.bad_shards == 0
+    names = first + second
+    torch.testing.assert_close(store.get(names), _direct(tiny_tower, synth_data["images"], names), rtol=1e-3,
+                               atol=1e-5)
+
+
+def test_damaged_shard_is_skipped_and_encoded_again(tmp_path, synth_data, tiny_tower, image_names, encoded,
+                                                    caplog):
+    store, _ = build(tiny_tower, synth_data, image_names[:4], tmp_path)
+    js = sorted(store.folder.glob("shard_*.json"))[0]
+    rows = json.loads(js.read_text())
+    js.write_text(json.dumps({**rows, "names": rows["names"] + ["extra.png"]}))  # names and rows disagree
+    encoded.update(names=[], forward=0)
+    with caplog.at_level(logging.WARNING):
+        store, _ = build(tiny_tower, synth_data, image_names[:4], tmp_path)
+    assert "damaged feature shard" in caplog.text and sorted(encoded["names"]) == sorted(rows["names"])
+    assert FeatureStore(store.folder).bad_shards == 1 and "extra.png" not in store
+    torch.testing.assert_close(store.get(image_names[:4]), _direct(tiny_tower, synth_data["images"],
+                                                                   image_names[:4]), rtol=1e-3, atol=1e-5)
 
 
 def test_bad_image_is_skipped(tmp_path, synth_data, tiny_tower, image_names):

@@ -167,6 +167,29 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data, tmp_p
     assert len(losses(tmp_path / "ddp")) == 3
 
 
+def test_ddp_ranks_encode_their_share_of_an_empty_cache(data, tmp_path):
+    """No rank waits on another's encoding: each writes its own shards; together they hold every image."""
+    from phivlm.data.features import FeatureStore
+    from phivlm.data.images import open_rgb
+    from phivlm.models.vision import VisionTower
+
+    feats = tmp_path / "features"
+    argv = finetune_args(data, tmp_path / "ddp", "--nproc", "2", "--batch-size", "4", "--max-steps", "1")
+    argv[argv.index("--features") + 1] = str(feats)
+    ddp = subprocess.run([sys.executable, "-m", "phivlm.cli", *argv], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (folder,) = feats.iterdir()
+    writers = {p.stem.split("-")[1] for p in folder.glob("shard_*.json")}
+    assert len(writers) == 2  # two processes wrote shards
+    store = FeatureStore(folder)
+    names = sorted(store.index)
+    assert len(names) == 16
+    tower = VisionTower("tiny-clip")
+    expect = tower(tower.preprocess([open_rgb(Path(data["images"]) / n) for n in names]))
+    torch.testing.assert_close(store.get(names), expect, rtol=1e-3, atol=1e-4)
+
+
 def test_gradient_accumulation_equals_one_batch(data, tmp_path):
     run(finetune_args(data, tmp_path / "accum", "--batch-size", "2", "--grad-accum", "4", *SPLIT))
     run(finetune_args(data, tmp_path / "one", "--batch-size", "8", *SPLIT))

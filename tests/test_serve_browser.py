@@ -36,21 +36,6 @@ def _has(module: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(synth_data, tmp_path_factory) -> Path:
-    """A chat-template checkpoint (tiny-clip + tiny-llama, projector trained two steps)."""
-    from phivlm.config import RunConfig
-    from phivlm.train.loop import train
-
-    out = tmp_path_factory.mktemp("serve")
-    cfg = RunConfig()
-    cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-llama"
-    cfg.data.data, cfg.data.images, cfg.data.template = synth_data["instruct_train"], synth_data["images"], "auto"
-    cfg.data.features, cfg.data.limit = str(out / "features"), 8
-    cfg.train.output, cfg.train.max_steps, cfg.train.batch_size = str(out / "run"), 2, 4
-    return train(cfg)
-
-
-@pytest.fixture(scope="session")
 def handlers(request):
     need(_has("gradio"), "gradio is not installed")
     tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")
@@ -81,7 +66,7 @@ def test_bad_uploads_keep_the_conversation(handlers, tmp_path):
 
     chat, shown, status, _ = handlers.new_image({"path": str(scene(tmp_path / "a.png", 1)), "orig_name": "a.png"},
                                                 handlers.no_image()[0])
-    assert chat.image is not None and "Loaded “a.png” (224×224)" in status
+    assert chat.features is not None and "Loaded “a.png” (224×224)" in status
     chat, shown, status, q = last(handlers.respond("What color is the circle?", chat, 1.0, 1.0, 8))
     assert len(chat.turns) == 2 and shown[-1]["role"] == "assistant" and q == ""
 
@@ -102,7 +87,25 @@ def test_bad_uploads_keep_the_conversation(handlers, tmp_path):
     assert [r for r, _ in chat2.turns] == ["user", "assistant"] * 2 and chat2.turns[2] == ("user", "And the square?")
     assert chat2.turns[0][1].startswith("<image>") and len(shown2) == 4
     cleared, shown3, _ = handlers.clear(chat2)
-    assert cleared.turns == [] and shown3 == [] and cleared.image is chat.image
+    assert cleared.turns == [] and shown3 == [] and cleared.features is chat.features
+
+
+def test_session_keeps_features_not_pixels_and_refuses_huge_questions(handlers, tmp_path):
+    """A session holds the encoded image only, a huge question is refused with a message, the page states the
+    limits and uploads are deleted after a while."""
+    from phivlm.generate import GenerationConfig
+    from phivlm.infer import MAX_QUESTION_CHARS
+    from phivlm.serve import DELETE_UPLOADS, build_app, limits
+
+    chat, *_ = handlers.new_image({"path": str(scene(tmp_path / "a.png", 2)), "orig_name": "a.png"},
+                                  handlers.no_image()[0])
+    tower = handlers.assistant.loaded.tower
+    assert tuple(chat.features.shape) == (1, tower.num_patches, tower.hidden_size)
+    assert not any(hasattr(v, "getpixel") for v in vars(chat).values())  # no PIL image in the session
+    same, _, msg, q = last(handlers.respond("x" * (MAX_QUESTION_CHARS + 1), chat, 0.0, 1.0, 8))
+    assert same is chat and "question too long" in msg and len(q) == MAX_QUESTION_CHARS + 1
+    app = build_app(handlers.assistant, tmp_path, GenerationConfig(), [])
+    assert app.delete_cache == DELETE_UPLOADS and str(MAX_QUESTION_CHARS) in limits(handlers.assistant)
 
 
 def test_serve_cli_errors(tmp_path, capsys):

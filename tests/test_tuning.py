@@ -164,14 +164,14 @@ def test_qlora_base_is_nf4_and_unchanged(runs, original_lm):
 def test_qlora_trains_after_an_eval_forward(runs, synth_data):
     """An eval-mode no-grad forward must not break later training (the CPU repacking pitfall)."""
     from phivlm.data.dataset import Collator, VLMDataset
-    from phivlm.data.features import FeatureStore
+    from phivlm.data.features import FeatureStore, cache_dir
     from phivlm.data.sources import load_samples
     from phivlm.data.templates import get_template
 
     run = runs["qlora"]
     loaded = load_checkpoint(run.ckpt, trainable=True)
     cfg = loaded.cfg
-    store = FeatureStore(Path(cfg.data.features) / loaded.tower.identity)
+    store = FeatureStore(cache_dir(cfg.data.features, loaded.tower, cfg.data.images))
     samples = load_samples(synth_data["instruct_train"])[:2]
     ds = VLMDataset(samples, get_template(cfg.data.template), loaded.tok, loaded.tower.num_patches, 256)
     batch = Collator(store, loaded.tok.pad_token_id)([ds[0], ds[1]])

@@ -171,7 +171,7 @@ def test_identity_covers_layer_size_and_tokens():
 
 
 def test_feature_cache_keeps_settings_apart(tmp_path):
-    from phivlm.data.features import build_features
+    from phivlm.data.features import build_features, cache_dir
 
     images = tmp_path / "images"
     images.mkdir()
@@ -187,9 +187,9 @@ def test_feature_cache_keeps_settings_apart(tmp_path):
         assert not skipped and len(store) == 3
         stores[tower.num_patches] = (tower, store)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    assert folders == sorted([full.identity, pooled.identity]) and len(folders) == 2
+    assert folders == sorted(cache_dir(root, t, images).name for t in (full, pooled)) and len(folders) == 2
     for patches, (tower, store) in stores.items():
-        assert store.folder == root / tower.identity
+        assert store.folder == cache_dir(root, tower, images)
         assert json.loads((store.folder / "meta.json").read_text())["patches"] == patches
         feats = store.get(names)
         assert feats.shape == (3, patches, 32)

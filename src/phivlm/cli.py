@@ -140,7 +140,7 @@ def cmd_chat(args) -> int:
     from .infer import Assistant, load_image
 
     assistant = Assistant(args.checkpoint, args.device, trust_remote_code=args.trust_remote_code)
-    image = load_image(args.image)
+    features = assistant.features([load_image(args.image)])  # once for the whole conversation
     gen = generation_config(args)
     turns: list[tuple[str, str]] = []
     print(f"chatting about {args.image} (empty line or Ctrl-D to quit)")
@@ -151,14 +151,22 @@ def cmd_chat(args) -> int:
             break
         if not question:
             break
-        turns.append(("user", assistant.first_turn(question) if not turns else question))
+        try:
+            asked, dropped = assistant.fit(turns + [("user", assistant.first_turn(question) if not turns else question)],
+                                           gen.max_new_tokens)
+        except PhivlmError as e:
+            print(f"error: {e}")
+            continue
+        if dropped:
+            print(f"(the {dropped} oldest exchange{'s' if dropped > 1 else ''} no longer fit the model's context "
+                  f"of {assistant.context} tokens and are left out)")
         text = ""
         print("model> ", end="", flush=True)
-        for text_so_far in assistant.stream(image, turns, gen, args.seed):
+        for text_so_far in assistant.stream(None, asked, gen, args.seed, features=features):
             print(text_so_far[len(text):], end="", flush=True)
             text = text_so_far
         print()
-        turns.append(("assistant", text))
+        turns = asked + [("assistant", text)]
     return 0
 
 
@@ -172,9 +180,13 @@ def cmd_generate(args) -> int:
         if line.strip():
             try:
                 row = json.loads(line)
-                rows.append((row, row["image"], row["prompt"]))
+                rows.append((row, row["image"], str(row["prompt"])))
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise PhivlmError(f"{args.input}: line {i + 1}: expected JSON with 'image' and 'prompt'") from None
+            try:  # before any work: a prompt the model cannot take is refused, naming its line
+                assistant.fit([("user", assistant.first_turn(rows[-1][2]))], args.max_new_tokens)
+            except PhivlmError as e:
+                raise PhivlmError(f"{args.input}: line {i + 1}: {e}") from None
     gen = generation_config(args)
     with open(args.output, "w") as out:
         for start in range(0, len(rows), args.batch_size):

@@ -10,10 +10,16 @@ from PIL import Image
 from .data.images import open_rgb
 from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template
 from .generate import GenerationConfig, generate
+from .registry import PhivlmError
 from .runtime import autocast, pick_device
 from .train.checkpoint import Loaded, load_checkpoint
 
 CAPTION_PROMPT = "Describe the image briefly."
+MAX_QUESTION_CHARS = 4000  # one question (chat, serve, generate): bounds what one prefill can cost
+
+
+class Cancelled(Exception):
+    """Raised inside generation when the consumer of ``stream`` has gone away."""
 
 
 class Assistant:
@@ -38,6 +44,30 @@ class Assistant:
         tower = self.loaded.tower
         with autocast(self.device, self.precision):
             return tower(tower.preprocess(images).to(self.device)).float()
+
+    @property
+    def context(self) -> int:
+        """The LM's context length in tokens."""
+        return int(getattr(self.loaded.vlm.base_lm.config, "max_position_embeddings", 0) or 2048)
+
+    def fit(self, turns: Turns, max_new_tokens: int) -> tuple[Turns, int]:
+        """``turns`` (ending with the user's question) with the oldest exchanges dropped until the prompt and
+        ``max_new_tokens`` fit the context; returns (turns, exchanges dropped). A question longer than
+        MAX_QUESTION_CHARS, or one that cannot fit alone, is refused."""
+        question = turns[-1][1].replace(IMAGE_TOKEN, "").strip()
+        if len(question) > MAX_QUESTION_CHARS:
+            raise PhivlmError(f"question too long ({len(question)} characters; at most {MAX_QUESTION_CHARS})")
+        dropped = 0
+        while True:
+            n = len(encode_prompt(self.template, self.tok, turns, self.loaded.tower.num_patches))
+            if n + max_new_tokens <= self.context:
+                return turns, dropped
+            if len(turns) < 3:
+                raise PhivlmError(f"the question ({n} prompt tokens) and {max_new_tokens} new tokens do not fit "
+                                  f"the model's context of {self.context} tokens")
+            rest = turns[2:]  # the oldest exchange goes; the image moves to the new first question
+            turns = [(rest[0][0], self.first_turn(rest[0][1]))] + rest[1:]
+            dropped += 1
 
     def first_turn(self, question: str) -> str:
         if self.template.name == "plain" and not question:
@@ -66,16 +96,21 @@ class Assistant:
             out = generate(self.loaded.vlm, ids, mask, feats, self.eos_ids, gen, generator=g)
         return [self.tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
-    def stream(self, image: Image.Image, turns: Turns, gen: GenerationConfig, seed: int = 0) -> Iterator[str]:
-        """Yield the growing answer text token by token (for chat and the web demo)."""
+    def stream(self, image: Image.Image | None, turns: Turns, gen: GenerationConfig, seed: int = 0,
+               features: torch.Tensor | None = None) -> Iterator[str]:
+        """Yield the growing answer text token by token (for chat and the web demo); ``features`` (1, patches, d)
+        stand for the image when given. Closing the generator stops the computation within one token."""
         import queue
         import threading
 
         q: queue.Queue = queue.Queue()
         tokens: list[int] = []
         errors: list[BaseException] = []
+        stop = threading.Event()
 
         def on_tokens(t: torch.Tensor):
+            if stop.is_set():  # the caller stopped reading (a cancelled or abandoned answer): stop computing
+                raise Cancelled
             if int(t[0]) >= 0:
                 tokens.append(int(t[0]))
                 q.put(self.tok.decode(tokens, skip_special_tokens=True))
@@ -85,17 +120,23 @@ class Assistant:
                 ids, mask = self._batch([turns])
                 g = torch.Generator(device=self.device).manual_seed(seed)
                 with autocast(self.device, self.precision):
-                    generate(self.loaded.vlm, ids, mask, self.features([image]), self.eos_ids, gen, on_tokens, g)
+                    feats = self.features([image]) if features is None else features.to(self.device)
+                    generate(self.loaded.vlm, ids, mask, feats, self.eos_ids, gen, on_tokens, g)
+            except Cancelled:
+                pass
             except BaseException as e:  # re-raised in the caller's thread
                 errors.append(e)
             finally:
                 q.put(None)
 
-        worker = threading.Thread(target=work, daemon=True)
+        worker = threading.Thread(target=work, name="phivlm-generate", daemon=True)
         worker.start()
-        while (text := q.get()) is not None:
-            yield text.strip()
-        worker.join()  # a thread still alive at interpreter exit aborts torch ("terminate called ...")
+        try:
+            while (text := q.get()) is not None:
+                yield text.strip()
+        finally:  # also when the caller closes this generator early
+            stop.set()
+            worker.join()  # within one decoding step; a thread alive at exit aborts torch ("terminate called")
         if errors:
             raise errors[0]
 

@@ -12,18 +12,19 @@ from typing import Any, Iterator
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch  # noqa: E402
 
 from .data.images import BadImage, open_rgb  # noqa: E402
 from .data.synth import render, sample_scene  # noqa: E402
 from .generate import GenerationConfig  # noqa: E402
-from .infer import Assistant  # noqa: E402
+from .infer import MAX_QUESTION_CHARS, Assistant  # noqa: E402
 from .registry import PhivlmError  # noqa: E402
 from .train.checkpoint import resolve_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD = "50mb"  # byte limit per upload; pixel limits are open_rgb's
+DELETE_UPLOADS = (600, 3600)  # every 10 min, delete uploads older than an hour
 N_EXAMPLES = 3
 CSS = "#random-warning {background: #fff3cd; color: #664d03; border: 1px solid #ffda6a;" \
       " border-radius: 6px; padding: 6px 10px;} #status {min-height: 1.5em;}"
@@ -31,9 +32,10 @@ CSS = "#random-warning {background: #fff3cd; color: #664d03; border: 1px solid #
 
 @dataclass
 class Chat:
-    """One browser session's conversation: the image it is about, the model's turns and what is shown."""
+    """One browser session's conversation: the image it is about (its encoded features only: an upload's
+    pixels are not kept), the model's turns and what is shown."""
 
-    image: Image.Image | None = None
+    features: torch.Tensor | None = None
     image_path: str = ""
     image_name: str = ""
     turns: list[tuple[str, str]] = field(default_factory=list)
@@ -61,6 +63,12 @@ def random_warning(assistant: Assistant) -> str:
             "pipeline, not for real use.")
 
 
+def limits(assistant: Assistant) -> str:
+    return (f"Questions hold at most {MAX_QUESTION_CHARS} characters. When a conversation outgrows the model's "
+            f"context ({assistant.context} tokens), its oldest exchanges are left out. Uploads are deleted "
+            f"after an hour; only the encoded image is kept for the conversation.")
+
+
 def example_images(folder: Path, seed: int = 0) -> list[Path]:
     """A few synthetic shapes scenes (the kind of image the built-in demo trains on)."""
     rng = random.Random(seed)
@@ -85,12 +93,13 @@ class Handlers:
         path, name = _upload_path(value)
         try:
             image = open_rgb(path)
+            features = self.assistant.features([image]).cpu()
         except BadImage as e:
             reason = str(e).replace(path, name).removeprefix(f"{name}: ")
             msg = f"⚠️ Could not use “{name}”: {reason}. Please choose another image."
             gr.Warning(msg)
             return chat, chat.shown, msg, chat.image_path or None  # the preview goes back to the current image
-        return (Chat(image, path, name), [], f"Loaded “{name}” ({image.width}×{image.height}). Ask a question.",
+        return (Chat(features, path, name), [], f"Loaded “{name}” ({image.width}×{image.height}). Ask a question.",
                 gr.skip())
 
     def example(self, value: Any) -> tuple[Chat, list, str, Any]:
@@ -101,14 +110,15 @@ class Handlers:
 
     def clear(self, chat: Chat) -> tuple[Chat, list, str]:
         """Forget the conversation, keep the image."""
-        return Chat(chat.image, chat.image_path, chat.image_name), [], "Conversation cleared." if chat.image else ""
+        return (Chat(chat.features, chat.image_path, chat.image_name), [],
+                "Conversation cleared." if chat.features is not None else "")
 
     def respond(self, question: str, chat: Chat, temperature: float, top_p: float,
                 max_new_tokens: float) -> Iterator[tuple[Chat, list, str, str]]:
         """Append the question and stream the answer into the chat (yields chat, messages, status, textbox)."""
         question = (question or "").strip()
-        if chat.image is None or not question:
-            msg = "⚠️ Upload an image (or pick an example) first." if chat.image is None else \
+        if chat.features is None or not question:
+            msg = "⚠️ Upload an image (or pick an example) first." if chat.features is None else \
                 "⚠️ Type a question first."
             gr.Warning(msg)
             yield chat, chat.shown, msg, question
@@ -118,9 +128,15 @@ class Handlers:
         shown = chat.shown + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         gen = GenerationConfig(int(max_new_tokens), float(temperature), float(top_p), self.repetition_penalty)
         text = ""
+        try:
+            turns, dropped = self.assistant.fit(turns, gen.max_new_tokens)
+        except PhivlmError as e:
+            gr.Warning(str(e))
+            yield chat, chat.shown, f"⚠️ {e}", question
+            return
         yield chat, shown, "Answering…", ""
         try:
-            for text in self.assistant.stream(chat.image, turns, gen, self.seed):
+            for text in self.assistant.stream(None, turns, gen, self.seed, features=chat.features):
                 shown[-1] = {"role": "assistant", "content": text}
                 yield chat, shown, "Answering…", ""
         except PhivlmError as e:
@@ -133,14 +149,16 @@ class Handlers:
             return
         if not text:
             shown[-1] = {"role": "assistant", "content": "(the model stopped without an answer)"}
-        done = Chat(chat.image, chat.image_path, chat.image_name, turns + [("assistant", text)], shown)
-        yield done, shown, f"Answered ({len(done.turns) // 2} turn{'s' if len(done.turns) > 2 else ''}).", ""
+        done = Chat(chat.features, chat.image_path, chat.image_name, turns + [("assistant", text)], shown)
+        note = (f"; the {dropped} oldest exchange{'s' if dropped > 1 else ''} no longer fit the model's context "
+                "and are left out" if dropped else "")
+        yield done, shown, f"Answered ({len(done.turns) // 2} turn{'s' if len(done.turns) > 2 else ''}{note}).", ""
 
 
 def build_app(assistant: Assistant, checkpoint: str | Path, gen: GenerationConfig, examples: list[Path],
               seed: int = 0) -> gr.Blocks:
     h = Handlers(assistant, seed, gen.repetition_penalty)
-    with gr.Blocks(title="phivlm", analytics_enabled=False) as demo:
+    with gr.Blocks(title="phivlm", analytics_enabled=False, delete_cache=DELETE_UPLOADS) as demo:
         chat = gr.State(Chat())
         chatbot = gr.Chatbot(label="Conversation", height=420, buttons=["copy", "copy_all"], elem_id="chatbot",
                              render=False)
@@ -164,10 +182,11 @@ def build_app(assistant: Assistant, checkpoint: str | Path, gen: GenerationConfi
                 chatbot.render()
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask about the image and press Enter", show_label=False,
-                                          scale=5, elem_id="question")
+                                          scale=5, elem_id="question", max_length=MAX_QUESTION_CHARS)
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 clear = gr.Button("Clear conversation", elem_id="clear")
                 status.render()
+                gr.Markdown(limits(assistant), elem_id="limits")
 
         # unprocessed upload, validated by open_rgb, so a bad file gets a clear message instead of a crash
         image.upload(h.new_image, [image, chat], image_out, preprocess=False)

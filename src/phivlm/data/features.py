@@ -1,16 +1,25 @@
 """The feature cache: every image encoded once by the frozen tower, stored in memory-mapped shards.
 
-Layout of ``<root>/<tower identity>/``: ``meta.json`` (tower identity and shapes), and per shard
-``shard_NNNNN.npy`` (float16, (n, patches, d)) plus ``shard_NNNNN.json`` (the file names, in order).
-The ``.json`` is written last, so a shard exists only when complete: an interrupted run resumes
-keeping finished shards. The folder is named by the tower's identity hash (config, preprocessing,
-feature layer and weights), so features of another tower are never reused.
+Layout of ``<root>/<key>/``: ``meta.json`` (tower identity, image folder and shapes), and per shard
+``shard_<time>-<pid>-<random>.npy`` (float16, (n, patches, d)) plus a ``.json`` of the same name (the
+file names in order, each with the size and mtime of the file it was encoded from). The ``.json`` is
+written last, so a shard exists only when complete: an interrupted run resumes keeping finished shards.
+
+- The key hashes the tower's identity (config, preprocessing, feature layer, weights) and the resolved
+  image folder: features of another tower or another folder with the same file names are never reused.
+- A row whose image file changed since it was encoded (size or mtime) is re-encoded; the newer shard
+  wins (shard names sort by time).
+- Shard names are unique per writer, so processes sharing a cache never overwrite each other's shards;
+  a shard whose names and rows disagree is skipped (counted, logged) and its images are re-encoded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +34,20 @@ from .images import BadImage, image_path, open_rgb
 log = logging.getLogger(__name__)
 
 
-def cache_dir(root: str | Path, tower: VisionTower) -> Path:
-    return Path(root) / tower.identity
+def cache_dir(root: str | Path, tower: VisionTower, image_dir: str | Path) -> Path:
+    key = hashlib.sha256(f"{tower.identity}\n{Path(image_dir).resolve()}".encode()).hexdigest()[:16]
+    return Path(root) / key
+
+
+def stamp(path: Path) -> list[int]:
+    """What identifies the version of an image file cheaply: [size, mtime in ns]."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _shard_name() -> str:
+    """Unique per writer and sorting by time: concurrent writers never pick the same name."""
+    return f"shard_{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class _Images(Dataset):
@@ -68,11 +89,24 @@ class FeatureStore:
             raise PhivlmError(f"{self.folder}: not a feature cache (meta.json missing); run `phivlm features`")
         self.meta = json.loads(meta.read_text())
         self.index: dict[str, tuple[int, int]] = {}
+        self.stamps: dict[str, list[int] | None] = {}
         self.shards: list[np.ndarray] = []
-        for js in sorted(self.folder.glob("shard_*.json")):
-            arr = np.load(js.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
-            for row, name in enumerate(json.loads(js.read_text())):
+        self.bad_shards = 0
+        shape = (self.meta.get("patches"), self.meta.get("hidden_size"))
+        for js in sorted(self.folder.glob("shard_*.json")):  # by time: a newer row replaces an older one
+            try:
+                rows = json.loads(js.read_text())
+                arr = np.load(js.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
+                names, stamps = (rows["names"], rows["stamps"]) if isinstance(rows, dict) else (rows, [None] * len(rows))
+                if not (arr.ndim == 3 and arr.shape[0] == len(names) == len(stamps) and arr.shape[1:] == shape):
+                    raise ValueError(f"{len(names)} names for rows of shape {arr.shape}")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("%s: skipping a damaged feature shard (%s); its images are encoded again", js, e)
+                self.bad_shards += 1
+                continue
+            for row, (name, st) in enumerate(zip(names, stamps)):
                 self.index[name] = (len(self.shards), row)
+                self.stamps[name] = st
             self.shards.append(arr)
 
     def __contains__(self, name: str) -> bool:
@@ -80,6 +114,10 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def fresh(self, name: str, current: list[int]) -> bool:
+        """Whether the cached row of ``name`` was encoded from the file as it is now."""
+        return name in self.index and self.stamps[name] == current
 
     def get(self, names: list[str]) -> torch.Tensor:
         """(len(names), patches, d) float32 features."""
@@ -90,51 +128,69 @@ class FeatureStore:
         return torch.from_numpy(np.stack(rows).astype(np.float32))
 
 
+def _current_stamps(image_dir: str | Path, names: set[str]) -> dict[str, list[int] | None]:
+    """Each image's stamp now (None for a file that cannot be stat-ed: encoding it reports why)."""
+    out: dict[str, list[int] | None] = {}
+    for n in names:
+        try:
+            out[n] = stamp(image_path(image_dir, n))
+        except (BadImage, OSError):
+            out[n] = None
+    return out
+
+
 def build_features(tower: VisionTower, image_dir: str | Path, names: list[str], root: str | Path,
                    batch_size: int = 64, workers: int = 0, shard_size: int = 1024,
-                   device: torch.device | str = "cpu", precision: str = "bf16") -> tuple[FeatureStore, list[dict]]:
-    """Encode every image in ``names`` not yet cached; returns the store and the skipped (bad) images."""
+                   device: torch.device | str = "cpu", precision: str = "bf16", rank: int = 0,
+                   world: int = 1) -> tuple[FeatureStore, list[dict]]:
+    """Encode every image in ``names`` not yet cached; returns the store and the skipped (bad) images.
+
+    With ``world`` > 1 this process encodes only its share (every ``world``-th name from ``rank`` on, of the
+    sorted names, so the split does not depend on what other ranks have written meanwhile)."""
     from ..runtime import autocast
 
-    folder = cache_dir(root, tower)
+    folder = cache_dir(root, tower, image_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PhivlmError(f"{root}: feature cache folder is not writable ({e.strerror})") from None
-    meta = {"tower": tower.name, "identity": tower.identity, "patches": tower.num_patches,
+    meta = {"tower": tower.name, "identity": tower.identity, "images": str(Path(image_dir).resolve()),
+            "patches": tower.num_patches,
             "hidden_size": tower.hidden_size, "dtype": "float16"}
     meta_path = folder / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("identity") != tower.identity:
         raise PhivlmError(f"{folder}: feature cache belongs to another vision tower")
     _atomic_save(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     done = FeatureStore(folder)
-    todo = sorted({n for n in names if n not in done})
     skipped: list[dict] = []
-    if not todo:
-        return done, skipped
     if not str(image_dir):
         raise PhivlmError("no image folder given (--images)")
     if not Path(image_dir).is_dir():
         raise PhivlmError(f"{image_dir}: image folder not found (--images)")
-    log.info("encoding %d images (%d already cached) into %s", len(todo), len(done), folder)
+    stamps = _current_stamps(image_dir, set(sorted(set(names))[rank::world]))
+    todo = sorted(n for n, st in stamps.items() if st is None or not done.fresh(n, st))
+    if not todo:
+        return done, skipped
+    changed = sum(n in done for n in todo)
+    log.info("encoding %d images (%d already cached%s) into %s", len(todo), len(stamps) - len(todo),
+             f"; {changed} changed since they were encoded" if changed else "", folder)
     device = torch.device(device)
     tower.to(device)
     loader = DataLoader(_Images(image_dir, todo, tower.processor), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate)
-    # after the highest complete shard (a count would overwrite a kept shard once any other is lost)
-    shard_id = max((int(p.stem.split("_")[1]) for p in folder.glob("shard_*.json")), default=-1) + 1
     buf_names: list[str] = []
     buf: list[np.ndarray] = []
 
     def flush():
-        nonlocal shard_id, buf_names, buf
+        nonlocal buf_names, buf
         if not buf_names:
             return
-        base = folder / f"shard_{shard_id:05d}"
+        base = folder / _shard_name()
         arr = np.concatenate(buf)
+        rows = {"names": buf_names, "stamps": [stamps[n] for n in buf_names]}
         _atomic_save(base.with_suffix(".npy"), lambda f: np.save(f, arr, allow_pickle=False))
-        _atomic_save(base.with_suffix(".json"), lambda f: f.write(json.dumps(buf_names).encode()))
-        shard_id, buf_names, buf = shard_id + 1, [], []
+        _atomic_save(base.with_suffix(".json"), lambda f: f.write(json.dumps(rows).encode()))
+        buf_names, buf = [], []
 
     with tqdm(total=len(todo), desc="features", unit="img") as bar:
         for batch in loader:

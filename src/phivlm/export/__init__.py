@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch
 from .. import __version__
 from ..config import RunConfig
 from ..data.templates import resolve_template_name
+from ..folders import atomic_folder
 from ..models import builtin
 from ..models.lm import load_tokenizer
 from ..models.vision import VisionTower
@@ -90,22 +89,12 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "auto", dtype: st
             "image_sep_token_id": parts.image_sep_token_id, "image_sep_token": SEP_TOKEN,
             "lm_chat_template": loaded.tok.chat_template, "config": cfg.to_dict()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         card = model_card(cfg, name, ckpt, run_cfg.tuning.lm_tuning, example, found_metrics, parts)
         (tmp / "README.md").write_text(card)
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))  # last: only complete exports carry it
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s format) to %s", ckpt, name, out)
     return out
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..folders import atomic_folder
 from ..registry import PhivlmError, Registry
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,10 @@ def resolve(name: str) -> str:
         return name
     target = cache_root() / "models" / name
     if not (target / ".complete").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
-            log.info("materialising built-in model %s into %s (once)", name, target)
+        log.info("materialising built-in model %s into %s (once)", name, target)
+        with atomic_folder(target) as tmp:
             BUILTIN.get(name)(tmp)
             (tmp / ".complete").write_text("ok\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

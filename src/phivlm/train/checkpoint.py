@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
+from ..folders import atomic_folder, recover
 from ..models.lm import load_lm, load_tokenizer
 from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
@@ -50,6 +49,7 @@ def _check_lm_weights(ckpt: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     for cand in (p, p / "checkpoint"):
+        recover(cand)  # a save interrupted between its two renames left the previous checkpoint aside
         if (cand / PROJECTOR_FILE).is_file() and (cand / "config.yaml").is_file():
             _check_lm_weights(cand)
             return cand
@@ -102,13 +102,6 @@ def load_projector(vlm: PhiVLM, ckpt: Path) -> None:
         vlm.projector.load_state_dict({k.removeprefix("projector."): v for k, v in sd.items()})
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: dict | None = None,
                     extra: Callable[[Path], None] | None = None,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
@@ -126,12 +119,7 @@ def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: di
         for name, p in vlm.lm.named_parameters(remove_duplicate=False):  # so save_pretrained sees them tied
             if name in lm_weights:
                 lm_weights[name] = lm_weights[first.setdefault(id(p), name)]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         cfg.save(tmp / "config.yaml")
         save_file({k: v.detach().float().cpu().contiguous() for k, v in own.items()}, str(tmp / PROJECTOR_FILE))
         if cfg.tuning.lm_tuning in ("lora", "qlora"):
@@ -142,20 +130,7 @@ def save_checkpoint(vlm: PhiVLM, cfg: RunConfig, tok, out: str | Path, state: di
         (tmp / "state.json").write_text(json.dumps(state or {}, indent=1))
         if extra is not None:
             extra(tmp)
-        _fsync_tree(tmp)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        dir_fd = os.open(out.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def checkpoint_config(ckpt: Path, trust_remote_code: bool = False) -> RunConfig:
@@ -173,6 +148,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", traina
     """Everything needed for inference from a checkpoint folder (or a ``phivlm export`` folder), in a fresh process."""
     from ..export import is_export, load_export
 
+    recover(Path(path))
     if is_export(path):
         return load_export(path, device)
     ckpt = resolve_checkpoint(path)

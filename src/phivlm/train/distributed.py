@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+WAIT = timedelta(hours=1)  # how long a rank waits for the others
 
 
 @dataclass
@@ -39,7 +43,9 @@ def init(device_name: str) -> tuple[Dist, str]:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # NCCL's default 10 min is shorter than some waits (encoding a rank's share of a large uncached dataset,
+        # rank 0 writing a large checkpoint)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=WAIT)
     if use_cuda:
         torch.cuda.set_device(local)
         return Dist(rank, world, local), f"cuda:{local}"

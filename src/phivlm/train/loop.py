@@ -18,7 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..config import RunConfig
 from ..data.dataset import Collator, VLMDataset
-from ..data.features import build_features
+from ..data.features import FeatureStore, build_features
 from ..data.sources import load_samples
 from ..data.templates import check_template_name, get_template, resolve_template_name
 from ..models.vision import VisionTower, build_tower
@@ -26,6 +26,7 @@ from ..models.vlm import PhiVLM
 from ..registry import Interrupted, PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
 from . import distributed, fsdp, state
+from .distributed import Dist
 from .checkpoint import build_vlm, resolve_checkpoint, save_checkpoint
 from .objectives import build_objective
 from .sampler import StepBatches
@@ -55,11 +56,20 @@ def prepare_output(folder: str | Path, main: bool = True) -> Path:
     return out
 
 
-def load_data(cfg: RunConfig, tower: VisionTower, path: str, template, tok, device, skipped: list[dict]):
-    """Samples of ``path`` -> (tokenized dataset, feature store); bad images fail or are skipped."""
+def load_data(cfg: RunConfig, tower: VisionTower, path: str, template, tok, device, skipped: list[dict],
+              dist: Dist):
+    """Samples of ``path`` -> (tokenized dataset, feature store); bad images fail or are skipped. Ranks encode
+    uncached images in parallel, each its share, then wait for one another."""
     samples = load_samples(path, cfg.data.limit, cfg.train.seed, cfg.data.skip_bad, skipped)
-    store, bad = build_features(tower, cfg.data.images, [s.image for s in samples], cfg.data.features,
-                                workers=cfg.train.workers, device=device, precision=cfg.train.precision)
+    names = [s.image for s in samples]
+    store, bad = build_features(tower, cfg.data.images, names, cfg.data.features, workers=cfg.train.workers,
+                                device=device, precision=cfg.train.precision, rank=dist.rank, world=dist.world)
+    if dist.world > 1:
+        dist.barrier()
+        store = FeatureStore(store.folder)  # every rank's shards
+        own = {b["image"]: b for b in bad}
+        bad = [own.get(n, {"image": n, "reason": f"{n}: could not be encoded (see the log of another rank)"})
+               for n in sorted(set(names)) if n not in store]
     if bad:
         if not cfg.data.skip_bad:
             raise PhivlmError(f"{bad[0]['reason']} (use --skip-bad to skip bad images)")
@@ -196,15 +206,13 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     if init is not None and (init / "lm").is_dir():
         cfg.model.lm = str(init / "lm")  # an earlier full-tuned LM is the base from now on
     skipped: list[dict] = []
-    if not dist.main:
-        dist.barrier()  # rank 0 fills the feature cache first
-    ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped)
-    val = load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped) if cfg.data.val_data else None
+    ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped, dist)
+    val = (load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped, dist)
+           if cfg.data.val_data else None)
     if init is None:  # a new projector: its input statistics come from this run's data
         fit_feature_norm(vlm, ds, store)
     if dist.main:
         cfg.save(out / "config.yaml")
-        dist.barrier()
     del tower
 
     t = cfg.train
