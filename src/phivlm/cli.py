@@ -152,8 +152,8 @@ def cmd_chat(args) -> int:
         if not question:
             break
         try:
-            asked, dropped = assistant.fit(turns + [("user", assistant.first_turn(question) if not turns else question)],
-                                           gen.max_new_tokens)
+            asking = ("user", assistant.first_turn(question) if not turns else question)
+            asked, dropped = assistant.fit(turns + [asking], gen.max_new_tokens)
         except PhivlmError as e:
             print(f"error: {e}")
             continue
@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=0, help="first N images of each file (0 = all)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--baselines", default="blind,shuffled",
-                   help="grounding baselines, comma-separated: blind (image features zeroed), shuffled (another image's)")
+                   help="grounding baselines, comma-separated: blind (image features zeroed), "
+                        "shuffled (another image's)")
     s.add_argument("--no-baselines", action="store_true", help="skip the grounding baselines")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_trust_flag(s)

@@ -97,7 +97,9 @@ class FeatureStore:
             try:
                 rows = json.loads(js.read_text())
                 arr = np.load(js.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
-                names, stamps = (rows["names"], rows["stamps"]) if isinstance(rows, dict) else (rows, [None] * len(rows))
+                if not isinstance(rows, dict):  # an older cache: no stamps, so every row counts as changed
+                    rows = {"names": rows, "stamps": [None] * len(rows)}
+                names, stamps = rows["names"], rows["stamps"]
                 if not (arr.ndim == 3 and arr.shape[0] == len(names) == len(stamps) and arr.shape[1:] == shape):
                     raise ValueError(f"{len(names)} names for rows of shape {arr.shape}")
             except (OSError, ValueError, KeyError, TypeError) as e:

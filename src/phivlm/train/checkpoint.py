@@ -94,7 +94,8 @@ def load_projector(vlm: PhiVLM, ckpt: Path) -> None:
         if v.shape != own[k].shape:
             raise PhivlmError(f"{path}: tensor {k} has shape {tuple(v.shape)} but the model needs "
                               f"{tuple(own[k].shape)}: checkpoint from another LM/vision tower? "
-                              f"(LM hidden size here: {vlm.separator.numel()}, in checkpoint: {sd['separator'].numel()})")
+                              f"(LM hidden size here: {vlm.separator.numel()}, "
+                              f"in checkpoint: {sd['separator'].numel()})")
     with torch.no_grad():
         vlm.separator.copy_(sd.pop("separator"))
         vlm.feature_norm.load_state_dict({k.removeprefix("feature_norm."): sd.pop(k) for k in list(sd)
