@@ -7,7 +7,8 @@ import pytest
 
 from phivlm.data.sources import load_samples
 from phivlm.data.templates import (IMAGE_TOKEN, PHI_SYSTEM, TemplateError, encode, encode_prompt, get_template,
-                                   resolve_template_name)
+                                   resolve_template_name, start_token)
+from phivlm.models import builtin
 from phivlm.models.lm import load_tokenizer
 from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID
 from phivlm.registry import PhivlmError
@@ -93,12 +94,24 @@ def test_chat_renders_the_tokenizers_own_template(tiny_tok, n_turns):
     assert render(tok, enc.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
 
 
-def test_plain_is_image_then_caption_then_eos(tiny_tok):
+def test_plain_is_start_then_image_then_caption_then_eos(tiny_tok):
     tok = tiny_tok["tiny-phi"]
     enc = encode(get_template("plain"), tok, [("user", IMAGE_TOKEN), ("assistant", "A red circle.")], P)
     cap = tok("A red circle.", add_special_tokens=False)["input_ids"]
-    assert enc.input_ids == [IMAGE_ID] * P + [SEP_ID] + cap + [tok.eos_token_id]
-    assert enc.labels == [IGNORE] * (P + 1) + cap + [tok.eos_token_id]
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert enc.input_ids == [start] + [IMAGE_ID] * P + [SEP_ID] + cap + [tok.eos_token_id]
+    assert enc.labels == [IGNORE] * (P + 2) + cap + [tok.eos_token_id]
+
+
+def test_start_token_is_bos_else_eos(tiny_tok):
+    """Never an image token first: the tokenizer's BOS where it has one, else its EOS."""
+    from transformers import AutoTokenizer
+
+    llama, phi = tiny_tok["tiny-llama"], tiny_tok["tiny-phi"]
+    assert llama.bos_token_id is None and start_token(llama) == llama.eos_token_id
+    assert phi.bos_token_id is None and start_token(phi) == phi.eos_token_id  # <|endoftext|>, like Phi-2
+    smol = AutoTokenizer.from_pretrained(builtin.resolve("smollm2-135m"))
+    assert smol.convert_ids_to_tokens(start_token(smol)) == "<|im_start|>"
 
 
 def test_image_before_or_after_question(tmp_path, tiny_tok):

@@ -46,14 +46,24 @@ def _pairs(turns: Turns, generation: bool):
         yield turns[i][1], (turns[i + 1][1] if i + 1 < len(turns) else None)
 
 
+def start_token(tok) -> int:
+    """The token ``plain`` puts before the image: the tokenizer's BOS, else its EOS.
+
+    An LM routes much of every attention to its first position (an "attention sink"). With an image token
+    there, the image is read poorly: a projector into frozen SmolLM2-135M taught to name a one-object image's
+    colour reached 35% in 100 steps with the image first, 84-100% behind EOS, ``<|endoftext|>`` or BOS."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
 @TEMPLATES.register("plain")
 class Plain(Template):
-    """Stage 1: ``<image>`` then the caption and EOS (any question text goes before the answer)."""
+    """Stage 1: the LM's start token, ``<image>``, then the caption and EOS (any question text goes before the
+    answer)."""
 
     name = "plain"
 
     def segments(self, turns, tok, generation):
-        out: list[Segment] = [(IMAGE_TOKEN, False)]
+        out: list[Segment] = [([start_token(tok)], False), (IMAGE_TOKEN, False)]
         for user, answer in _pairs(turns, generation):
             q = user.replace(IMAGE_TOKEN, "").strip()
             if q:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, encode_prompt, get_template
+from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, encode_prompt, get_template, start_token
 from ..models.vlm import IMAGE_ID, SEP_ID
 from ..registry import PhivlmError, Registry
 
@@ -35,8 +35,10 @@ CHAT_TEMPLATES: Registry = Registry("export chat template")
 
 @CHAT_TEMPLATES.register("plain")
 def _plain(tok) -> str:
-    """phivlm ``plain``: the image first, then each question (image removed, stripped) + "\\n", answer + EOS."""
-    return _CONTENT + "{{- '" + IMAGE_SLOT + "' -}}{%- for m in messages -%}" + _ROLES + (
+    """phivlm ``plain``: the start token and the image, then each question (image removed, stripped) + "\\n",
+    answer + EOS."""
+    start = tok.convert_ids_to_tokens(start_token(tok))
+    return _CONTENT + "{{- '" + start + IMAGE_SLOT + "' -}}{%- for m in messages -%}" + _ROLES + (
         "{%- if m['role'] == 'user' -%}"
         "{%- set q = phivlm_text(m['content']) | replace('<image>', '') | trim -%}"
         "{%- if q -%}{{ q + '\\n' }}{%- endif -%}"
