@@ -51,8 +51,8 @@ if mode == "after-checkpoint":
     state.rotate = patched_rotate
 else:
     writer = state.writer
-    def patched_writer(opt, sched, step):
-        write = writer(opt, sched, step)
+    def patched_writer(opt, sched, step, *rest):
+        write = writer(opt, sched, step, *rest)
         def partial_write(folder):
             write(folder)
             if step == kill_step:
@@ -229,6 +229,22 @@ def test_resume_after_sigkill_is_bitwise_exact(data, straight, killed_at_60, tmp
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 100
     assert steps_on_disk(out) == ["step-0000060", "step-0000080"]  # --keep-last 2
     assert_bitwise_equal(out / "checkpoint", straight / "checkpoint")
+
+
+def test_auto_resume_refuses_another_run(data, killed_at_60, tmp_path, capsys):
+    """A new run in a folder holding another run's checkpoints (fewer steps, other data) is refused in one line
+    naming what differs, instead of continuing the old run (or saving its weights under the new config)."""
+    out = tmp_path / "run"
+    shutil.copytree(killed_at_60, out)
+    assert main(finetune_args(data, out, *RESUMABLE, "--max-steps", "50")) == 2
+    err = capsys.readouterr().err
+    assert "holds a resumable run with other settings or data (train.max_steps)" in err and "--resume none" in err
+    assert "Traceback" not in err
+    assert main(finetune_args(data, out, *RESUMABLE, "--limit", "8")) == 2
+    assert "(data.limit)" in capsys.readouterr().err
+    assert not (out / "checkpoint").exists()  # nothing trained, nothing saved
+    run(finetune_args(data, out, *RESUMABLE, "--max-steps", "2", "--resume", "none"))  # starting over is allowed
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
 
 
 def test_kill_while_writing_a_checkpoint_leaves_the_last_complete_one(data, straight, killed_at_60, tmp_path,

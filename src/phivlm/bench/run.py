@@ -39,6 +39,7 @@ import torch
 
 from ..config import TuningConfig
 from ..registry import PhivlmError
+from ..runtime import resolve_precision
 from . import measure
 from .measure import MatmulPeak, Timing, count_flops, interleave, memory, paired_ratio
 
@@ -330,6 +331,8 @@ def generation_figure(env: Env) -> dict:
     vlm = _vlm(env).eval()
     ref = Reference(env.clip, vlm, env.feature_layer)
     ref.model.eval()
+    if resolve_precision("auto") == "bf16":  # what Assistant (chat, serve, eval, generate) does
+        vlm.hold_weights_in(torch.bfloat16)
     template = get_template(resolve_template_name("auto", env.tok))
     ids = torch.tensor([encode_prompt(template, env.tok, [("user", PROMPT)], env.tower.num_patches)])
     mask = torch.ones_like(ids)

@@ -117,20 +117,41 @@ class PhiVLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep])
 
     # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def hold_weights_in(self, dtype: torch.dtype) -> None:
+        """For inference under autocast: keep the LM's Linear weights in the compute dtype once. Autocast caches
+        casts only of weights that require grad, so frozen weights are otherwise cast again at every decoding step.
+        A head tied to the embeddings gets its own copy, so the embeddings and the residual stream stay fp32:
+        the same numbers autocast computes. Quantized LMs are left alone."""
+        base = self.base_lm
+        if getattr(base, "hf_quantizer", None) is not None:
+            return
+        head, emb = base.get_output_embeddings(), base.get_input_embeddings()
+        if head is not None and head.weight is emb.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for m in base.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data.to(dtype)
+
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of each row's last position only (one (B, d) x (d, V) product)."""
+        return self.base_lm.get_output_embeddings()(hidden[:, -1]).float()
+
     def prefill(self, input_ids, attention_mask, image_features):
         """Run the prompt once; returns (last-position logits, KV cache)."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.base_lm(inputs_embeds=self.embed(input_ids, image_features), attention_mask=attention_mask,
-                           position_ids=self.position_ids(attention_mask), cache=cache,
-                           use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), cache
+        hidden = self.base_lm.get_decoder()(inputs_embeds=self.embed(input_ids, image_features),
+                                            attention_mask=attention_mask,
+                                            position_ids=self.position_ids(attention_mask), cache=cache,
+                                            use_cache=True)[0]
+        return self._last_logits(hidden), cache
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
         """Feed one token per row (B,) with the KV cache; returns (logits, cache)."""
         emb = self.base_lm.get_input_embeddings()(tokens.unsqueeze(1))
         pos = self.position_ids(attention_mask)[:, -1:]
-        out = self.base_lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
-                           cache=cache, use_cache=True)
-        return out.logits[:, -1].float(), cache
+        hidden = self.base_lm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
+                                            cache=cache, use_cache=True)[0]
+        return self._last_logits(hidden), cache

@@ -186,8 +186,11 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     dist, device_name = distributed.init(cfg.train.device)
     out = prepare_output(cfg.train.output, dist.main)
     device = pick_device(device_name)
+    run_fp = state.fingerprint(cfg, init)
     resume = _resume_dir(cfg, out)
     if resume is not None:
+        if cfg.train.resume == "auto":
+            state.check_same_run(resume, run_fp)
         log.info("resuming from %s", resume)
         init = resume
     seed_everything(cfg.train.seed)
@@ -269,7 +272,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
         weights, opt_state = gathered()
         if dist.main:
             save_checkpoint(vlm, cfg, tok, state.step_dir(out, step), {"step": step},
-                            extra=state.writer(opt_state, sched, step), weights=weights)
+                            extra=state.writer(opt_state, sched, step, run_fp), weights=weights)
             state.rotate(out, t.keep_last)
 
     t0, running, n_nonfinite = time.time(), [], 0

@@ -20,6 +20,39 @@ from ..registry import PhivlmError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 TRAINER_FILE = "trainer.pt"  # optimizer, scheduler and torch RNG tensors; loaded with weights_only=True
+RUN_FILE = "run.json"  # the fingerprint of the run a periodic checkpoint belongs to
+# settings a resumed run may change: where it writes, how often it logs, saves and evaluates, how it loads data
+MAY_CHANGE = {"train.output", "train.resume", "train.save_every", "train.keep_last", "train.log_every",
+              "train.eval_every", "train.workers", "train.device"}
+
+
+def fingerprint(cfg, init: Path | None) -> dict[str, str]:
+    """What makes two runs the same: every other setting, the starting checkpoint, and the size and mtime of
+    the data files."""
+    fp = {f"{section}.{k}": json.dumps(v, sort_keys=True) for section, values in cfg.to_dict().items()
+          for k, v in values.items() if f"{section}.{k}" not in MAY_CHANGE}
+    fp["init"] = str(init or "")
+    for key in ("data", "val_data"):
+        path = Path(getattr(cfg.data, key) or "")
+        if path.is_file():
+            st = path.stat()
+            fp[f"data.{key} (file)"] = f"{st.st_size} bytes, mtime {st.st_mtime_ns}"
+    return fp
+
+
+def check_same_run(folder: Path, fp: dict[str, str]) -> None:
+    """Refuse to auto-resume a periodic checkpoint of another run (other settings or data) in the output folder."""
+    saved_file = folder / RUN_FILE
+    if not saved_file.is_file():
+        raise PhivlmError(f"{folder}: no run fingerprint ({RUN_FILE}), so it cannot be checked to be this run; "
+                          f"pass --resume {folder} to continue from it anyway, or --resume none to start over")
+    saved = json.loads(saved_file.read_text())
+    diff = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
+    if diff:
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise PhivlmError(f"{folder.parent.parent}: holds a resumable run with other settings or data "
+                          f"({', '.join(diff[:4])}{more}); start over with --resume none, use another --output, "
+                          f"or continue from it with --resume {folder}")
 
 
 def step_dir(output: Path, step: int) -> Path:
@@ -46,11 +79,12 @@ def rotate(output: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def writer(opt, sched, step: int):
+def writer(opt, sched, step: int, fp: dict[str, str]):
     """A function that writes the training state into a checkpoint folder (for ``save_checkpoint``).
-    ``opt``: the optimizer, or its state dict (one gathered from FSDP shards)."""
+    ``opt``: the optimizer, or its state dict (one gathered from FSDP shards); ``fp``: the run's fingerprint."""
 
     def write(folder: Path) -> None:
+        (folder / RUN_FILE).write_text(json.dumps(fp, indent=1, sort_keys=True))
         optimizer = opt if isinstance(opt, dict) else opt.state_dict()
         torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state(),
