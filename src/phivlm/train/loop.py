@@ -186,7 +186,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     dist, device_name = distributed.init(cfg.train.device)
     out = prepare_output(cfg.train.output, dist.main)
     device = pick_device(device_name)
-    run_fp = state.fingerprint(cfg, init)
+    run_fp = state.fingerprint(cfg, init, dist.world)
     resume = _resume_dir(cfg, out)
     if resume is not None:
         if cfg.train.resume == "auto":

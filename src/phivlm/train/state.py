@@ -21,16 +21,19 @@ from ..registry import PhivlmError
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 TRAINER_FILE = "trainer.pt"  # optimizer, scheduler and torch RNG tensors; loaded with weights_only=True
 RUN_FILE = "run.json"  # the fingerprint of the run a periodic checkpoint belongs to
-# settings a resumed run may change: where it writes, how often it logs, saves and evaluates, how it loads data
+# settings a resumed run may change: where it writes, how often it logs, saves and evaluates, how it loads data,
+# how it splits the global batch over processes and micro-batches, shards and recomputes
 MAY_CHANGE = {"train.output", "train.resume", "train.save_every", "train.keep_last", "train.log_every",
-              "train.eval_every", "train.workers", "train.device"}
+              "train.eval_every", "train.workers", "train.device", "train.batch_size", "train.grad_accum",
+              "train.fsdp", "tuning.gradient_checkpointing"}
 
 
-def fingerprint(cfg, init: Path | None) -> dict[str, str]:
-    """What makes two runs the same: every other setting, the starting checkpoint, and the size and mtime of
-    the data files."""
+def fingerprint(cfg, init: Path | None, world: int = 1) -> dict[str, str]:
+    """What makes two runs the same: every other setting, the global batch, the starting checkpoint, and the
+    size and mtime of the data files."""
     fp = {f"{section}.{k}": json.dumps(v, sort_keys=True) for section, values in cfg.to_dict().items()
           for k, v in values.items() if f"{section}.{k}" not in MAY_CHANGE}
+    fp["global batch"] = str(cfg.train.batch_size * cfg.train.grad_accum * world)
     fp["init"] = str(init or "")
     for key in ("data", "val_data"):
         path = Path(getattr(cfg.data, key) or "")
