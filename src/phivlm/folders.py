@@ -46,13 +46,12 @@ def recover(out: Path) -> None:
     out = Path(out)
     if not out.parent.is_dir():
         return
-    dead = [p for p in out.parent.glob(f".{out.name}.*-*") if p.name.split(".")[-1].startswith(("old-", "tmp-"))
-            and not _alive(_pid(p))]
-    olds = sorted((p for p in dead if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+    olds = sorted((p for p in out.parent.glob(f".{out.name}.old-*") if not _alive(_pid(p))),
+                  key=lambda p: p.stat().st_mtime)
     if olds and not out.exists():
-        os.replace(olds[-1], out)
-        dead.remove(olds[-1])
-    for p in dead:
+        os.replace(olds.pop(), out)
+    tmps = [p for p in out.parent.glob(f".{out.name}.tmp-*") if not _alive(_pid(p))]
+    for p in olds + tmps:
         shutil.rmtree(p, ignore_errors=True)
 
 

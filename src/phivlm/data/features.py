@@ -130,7 +130,7 @@ class FeatureStore:
         return torch.from_numpy(np.stack(rows).astype(np.float32))
 
 
-def _current_stamps(image_dir: str | Path, names: set[str]) -> dict[str, list[int] | None]:
+def _current_stamps(image_dir: str | Path, names: list[str]) -> dict[str, list[int] | None]:
     """Each image's stamp now (None for a file that cannot be stat-ed: encoding it reports why)."""
     out: dict[str, list[int] | None] = {}
     for n in names:
@@ -169,8 +169,8 @@ def build_features(tower: VisionTower, image_dir: str | Path, names: list[str], 
         raise PhivlmError("no image folder given (--images)")
     if not Path(image_dir).is_dir():
         raise PhivlmError(f"{image_dir}: image folder not found (--images)")
-    stamps = _current_stamps(image_dir, set(sorted(set(names))[rank::world]))
-    todo = sorted(n for n, st in stamps.items() if st is None or not done.fresh(n, st))
+    stamps = _current_stamps(image_dir, sorted(set(names))[rank::world])
+    todo = [n for n, st in stamps.items() if st is None or not done.fresh(n, st)]  # sorted, as ``stamps``
     if not todo:
         return done, skipped
     changed = sum(n in done for n in todo)
