@@ -6,8 +6,8 @@ import argparse
 import pytest
 import yaml
 
-from phivlm.cli import build_parser, main, pretrain_defaults
-from phivlm.config import RunConfig, config_from_args
+from phivlm.cli import build_parser, main
+from phivlm.config import RunConfig, config_from_args, stage_defaults
 from phivlm.registry import PhivlmError
 
 
@@ -25,24 +25,25 @@ def test_defaults_then_yaml_then_flags(tmp_path):
                                             "model": {"projector": "linear"},
                                             "data": {"skip_bad": True, "max_length": 99}})
     cfg = config_from_args(parse("--config", cfg_file, "--lr", "0.1", "--no-skip-bad", "--epochs", "2"),
-                           pretrain_defaults())
+                           stage_defaults("pretrain"))
     assert cfg.train.lr == 0.1 and cfg.data.skip_bad is False and cfg.train.epochs == 2.0  # flags win
     assert (cfg.train.batch_size, cfg.train.output, cfg.model.projector, cfg.data.max_length) == \
         (3, "runs/x", "linear", 99)  # yaml beats defaults
-    defaults = pretrain_defaults()
+    defaults = stage_defaults("pretrain")
     assert (cfg.data.template, cfg.tuning.lm_tuning, cfg.train.seed) == \
         (defaults.data.template, defaults.tuning.lm_tuning, defaults.train.seed)  # untouched: defaults
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.batch_size, int)
 
 
 def test_flags_without_yaml_and_no_flags(tmp_path):
-    assert config_from_args(parse(), pretrain_defaults()) == pretrain_defaults()
-    cfg = config_from_args(parse("--batch-size", "5", "--skip-bad", "--vision", "tiny-clip"), pretrain_defaults())
+    assert config_from_args(parse(), stage_defaults("pretrain")) == stage_defaults("pretrain")
+    cfg = config_from_args(parse("--batch-size", "5", "--skip-bad", "--vision", "tiny-clip"),
+                           stage_defaults("pretrain"))
     assert (cfg.train.batch_size, cfg.data.skip_bad, cfg.model.vision) == (5, True, "tiny-clip")
 
 
 def test_save_load_round_trip(tmp_path):
-    cfg = pretrain_defaults()
+    cfg = stage_defaults("pretrain")
     cfg.train.lr, cfg.model.lm, cfg.tuning.gradient_checkpointing = 3e-4, "tiny-phi", True
     cfg.save(tmp_path / "config.yaml")
     assert RunConfig.load(tmp_path / "config.yaml") == cfg
@@ -54,7 +55,7 @@ def test_save_load_round_trip(tmp_path):
                                           ([1, 2], "expected a mapping")])
 def test_bad_yaml_names_file_and_key(tmp_path, data, needle):
     path = write(tmp_path / "bad.yaml", data)
-    for load in (lambda: config_from_args(parse("--config", path), pretrain_defaults()),
+    for load in (lambda: config_from_args(parse("--config", path), stage_defaults("pretrain")),
                  lambda: RunConfig.load(path)):
         with pytest.raises(PhivlmError, match=needle) as e:
             load()

@@ -40,7 +40,7 @@ TOL = 2e-5
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """16 synthetic images with their features cached, and an (untrained) stage-1 checkpoint per LM."""
-    from phivlm.cli import pretrain_defaults
+    from phivlm.config import stage_defaults
     from phivlm.data.features import build_features
     from phivlm.data.sources import load_samples
     from phivlm.data.synth import synthesize
@@ -54,7 +54,7 @@ def data(tmp_path_factory) -> dict:
     build_features(tower, d["images"], names, root / "features", precision="fp32")
     stage1 = {}
     for lm in ("tiny-llama", "tiny-phi"):
-        cfg = pretrain_defaults()
+        cfg = stage_defaults("pretrain")
         cfg.model.vision, cfg.model.lm = "tiny-clip", lm
         vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
         stage1[lm] = save_checkpoint(vlm, cfg, tok, root / f"stage1-{lm}" / "checkpoint")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phivlm.cli import build_parser, main, pretrain_defaults
-from phivlm.config import config_from_args
+from phivlm.cli import build_parser, main
+from phivlm.config import config_from_args, stage_defaults
 from phivlm.registry import PhivlmError
 from phivlm.train import loop, state
 from phivlm.train.sampler import StepBatches
@@ -79,7 +79,7 @@ def data(tmp_path_factory) -> dict:
     tower = VisionTower("tiny-clip")
     names = [s.image for f in (d["captions_train"], d["instruct_train"]) for s in load_samples(f)]
     build_features(tower, d["images"], names, root / "features", precision="fp32")
-    cfg = pretrain_defaults()
+    cfg = stage_defaults("pretrain")
     cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-phi"
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
     stage1 = save_checkpoint(vlm, cfg, tok, root / "stage1" / "checkpoint")
@@ -331,7 +331,7 @@ def pretrain_config(data: dict, out: Path, *extra):
         "pretrain", "--data", data["captions_train"], "--images", data["images"], "--features", data["features"],
         "--vision", "tiny-clip", "--lm", "tiny-phi", "--output", out, "--precision", "fp32", "--batch-size", "4",
         "--max-steps", "8", "--save-every", "2", "--log-every", "1", *extra)])
-    return config_from_args(args, pretrain_defaults())
+    return config_from_args(args, stage_defaults("pretrain"))
 
 
 NON_FINITE = [(NanAt, "loss"), (NanGradAt, "gradient")]  # a NaN loss; a finite loss with NaN gradients

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, loadable from YAML, overridable by command-line flags.
 
-Each section's fields become flat flags (``--lr``, ``--batch-size``); precedence is
-defaults < ``--config file.yaml`` < flags. Every run writes the resolved config next to its outputs.
+Each section's fields become flat flags (``--lr``, ``--batch-size``) whose help and choices come from the
+field's metadata; precedence is defaults < ``--config file.yaml`` < flags. Every run writes the resolved config
+next to its outputs.
 """
 from __future__ import annotations
 
@@ -15,72 +16,96 @@ import yaml
 
 from .registry import PhivlmError
 
+# fixed sets of names defined here (and imported where they are used); the registry-backed choices below are
+# listed so that --help needs no torch import (tests/test_cli_help.py checks them against the registries)
+PRECISIONS = ("auto", "bf16", "fp32", "fp16")
+LM_TUNINGS = ("frozen", "lora", "qlora", "full")
+FEEDBACK = ("greedy", "sample")
+
+
+def opt(default, help: str, choices: tuple[str, ...] = ()):
+    """A config field with its ``--help`` text and, where the valid values are a fixed set, their names."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
 
 @dataclass
 class ModelConfig:
-    vision: str = "dinov2-small"  # built-in name (dinov2-small, clip-vit-b32), hub id or local folder
-    feature_layer: int = -2  # hidden-state index used as image features (penultimate layer)
-    image_size: int = 0  # pixels the tower sees (resize + crop, interpolated position embeddings); 0 = its own
-    image_tokens: int = 0  # image tokens per image: the patch grid average-pooled to a square (0 = every patch)
-    lm: str = "smollm2-135m"  # built-in name, hub id or local folder
-    projector: str = "residual"  # linear | mlp2x_gelu | residual
-    projector_depth: int = 2  # residual blocks of the residual projector
-    trust_remote_code: bool = False
+    vision: str = opt("dinov2-small", "vision tower: a built-in name (dinov2-small, clip-vit-b32, tiny-clip, "
+                      "tiny-siglip, tiny-dinov2), a hub id or a local folder")
+    feature_layer: int = opt(-2, "hidden-state index used as image features (-2: the penultimate layer)")
+    image_size: int = opt(0, "pixels the tower sees (resize + crop, interpolated position embeddings); "
+                          "0 = the tower's own")
+    image_tokens: int = opt(0, "image tokens per image: the patch grid average-pooled to a square number "
+                            "(0 = every patch)")
+    lm: str = opt("smollm2-135m", "language model: a built-in name (smollm2-135m, tiny-phi, tiny-llama), "
+                  "a hub id or a local folder")
+    projector: str = opt("residual", "projector from image features to LM embeddings",
+                         ("linear", "mlp2x_gelu", "residual"))
+    projector_depth: int = opt(2, "residual blocks of the residual projector")
+    trust_remote_code: bool = opt(False, "allow an LM that needs trust_remote_code to run its own Python code")
 
 
 @dataclass
 class DataConfig:
-    data: str = ""  # annotation file: COCO captions JSON or LLaVA conversations JSON
-    images: str = ""  # image folder
-    val_data: str = ""  # optional validation annotation file (same format)
-    features: str = ".cache/features"  # feature-cache root; one sub-folder per vision tower
-    limit: int = 0  # seeded random subset of images (0 = all)
-    template: str = "plain"  # plain | phi | chat | auto (chat if the tokenizer has one, else phi)
-    max_length: int = 256  # text tokens per sample (image tokens not counted)
-    skip_bad: bool = False  # skip (and log) bad samples instead of failing
+    data: str = opt("", "annotation file: COCO captions JSON or LLaVA conversations JSON")
+    images: str = opt("", "image folder")
+    val_data: str = opt("", "optional validation annotation file (same format)")
+    features: str = opt(".cache/features", "feature-cache root; one sub-folder per vision tower")
+    limit: int = opt(0, "seeded random subset of this many images (0 = all)")
+    template: str = opt("plain", "prompt template; auto: the tokenizer's chat template if it has one, else phi",
+                        ("auto", "chat", "phi", "plain"))
+    max_length: int = opt(256, "text tokens per sample (image tokens not counted)")
+    skip_bad: bool = opt(False, "skip (and log) bad samples instead of failing")
 
 
 @dataclass
 class TrainConfig:
-    output: str = "runs/stage1"
-    epochs: float = 1.0
-    max_steps: int = 0  # >0 overrides epochs
-    batch_size: int = 8  # per process and micro-batch; global batch = batch_size x processes x grad_accum
-    grad_accum: int = 1  # micro-batches per optimizer step
-    group_by_length: bool = False  # batch samples of similar length together (less padding)
-    fsdp: str = "none"  # none (DDP) | full (shard params, grads, optimizer state: ZeRO-3) | grad-op (ZeRO-2)
-    lr: float = 1e-3  # projector + separator
-    lm_lr: float = 2e-4  # LoRA adapters / LM weights
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp32 | fp16 (GPU only)
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 10
-    eval_every: int = 0  # validation loss on --val-data every N steps (0 = only at the end)
-    workers: int = 0  # DataLoader worker processes
-    save_every: int = 0  # resumable checkpoint every N steps in <output>/checkpoints (0 = only at the end)
-    keep_last: int = 2  # periodic checkpoints kept
-    resume: str = "auto"  # auto (latest in <output>/checkpoints, if any) | none | a step-checkpoint folder
-    skip_nonfinite: bool = False  # skip (and count) batches with a non-finite loss instead of stopping
-    objective: str = "standard"  # standard | autoregressive | mixed (see README, "Training objectives")
-    tf_schedule: str = "exponential"  # teacher-forcing rate over steps: constant | linear | exponential
-    tf_start: float = 1.0  # teacher-forcing rate at step 0 (1 = always feed the ground-truth token)
-    tf_end: float = 0.5  # floor the rate decays to
-    tf_decay_steps: int = 0  # linear reaches tf_end here; exponential is 99% of the way (0 = the whole run)
-    feedback: str = "greedy"  # model token fed back when not teacher-forcing: greedy | sample
-    mixed_standard_fraction: float = 0.5  # mixed: share of steps using the standard objective
+    output: str = opt("runs/stage1", "run folder: checkpoint, config.yaml, logs")
+    epochs: float = opt(1.0, "passes over the training data")
+    max_steps: int = opt(0, "optimizer steps; > 0 overrides --epochs")
+    batch_size: int = opt(8, "samples per process and micro-batch; global batch = batch size x processes x "
+                          "grad accum")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    group_by_length: bool = opt(False, "batch samples of similar length together (less padding)")
+    fsdp: str = opt("none", "none: DDP; full: shard parameters, gradients and optimizer state (ZeRO-3); grad-op: "
+                    "shard gradients and optimizer state (ZeRO-2)", ("none", "full", "grad-op"))
+    lr: float = opt(1e-3, "learning rate of the projector and separator")
+    lm_lr: float = opt(2e-4, "learning rate of the LoRA adapters or LM weights")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up (then cosine decay)")
+    grad_clip: float = opt(1.0, "gradient norm clipped to this")
+    seed: int = opt(0, "seed of data order, subsets and initialisation")
+    precision: str = opt("auto", "auto: bf16 where the hardware has it, else fp32; fp16: GPU only", PRECISIONS)
+    device: str = opt("auto", "auto (a GPU if there is one), cpu, cuda or cuda:N")
+    log_every: int = opt(10, "log the training loss every N steps")
+    eval_every: int = opt(0, "validation loss on --val-data every N steps (0 = only at the end)")
+    workers: int = opt(0, "DataLoader worker processes")
+    save_every: int = opt(0, "resumable checkpoint every N steps in <output>/checkpoints (0 = only at the end)")
+    keep_last: int = opt(2, "periodic checkpoints kept")
+    resume: str = opt("auto", "auto: the latest in <output>/checkpoints, if any; none; or a step-checkpoint "
+                      "folder")
+    skip_nonfinite: bool = opt(False, "skip (and count) batches with a non-finite loss instead of stopping")
+    objective: str = opt("standard", "training objective (see README, \"Training objectives\")",
+                         ("autoregressive", "mixed", "standard"))
+    tf_schedule: str = opt("exponential", "teacher-forcing rate over the steps",
+                           ("constant", "exponential", "linear"))
+    tf_start: float = opt(1.0, "teacher-forcing rate at step 0 (1 = always feed the ground-truth token)")
+    tf_end: float = opt(0.5, "floor the teacher-forcing rate decays to")
+    tf_decay_steps: int = opt(0, "linear reaches --tf-end here; exponential is 99% of the way (0 = the whole run)")
+    feedback: str = opt("greedy", "model token fed back when not teacher-forcing", FEEDBACK)
+    mixed_standard_fraction: float = opt(0.5, "mixed objective: share of steps using the standard objective")
 
 
 @dataclass
 class TuningConfig:
-    lm_tuning: str = "frozen"  # frozen | lora | qlora | full
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = ""  # comma-separated module names; empty = per-architecture default
-    gradient_checkpointing: bool = False
+    lm_tuning: str = opt("frozen", "how the LM is trained: frozen, LoRA adapters, QLoRA (4-bit NF4 base) or fully",
+                         LM_TUNINGS)
+    lora_rank: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input")
+    lora_targets: str = opt("", "comma-separated module names LoRA adapts; empty = the architecture's default")
+    gradient_checkpointing: bool = opt(False, "recompute LM activations in the backward pass (less memory, "
+                                       "slower)")
 
 
 @dataclass
@@ -114,6 +139,20 @@ class RunConfig:
         return cls.from_dict(_read_yaml(path), str(path))
 
 
+# what each training stage starts from, over the dataclass defaults (which are stage 1's: runs/stage1, the plain
+# template, the LM frozen); the one definition of the stage presets
+STAGES = {
+    "pretrain": {},
+    "finetune": {"train": {"output": "runs/stage2", "lr": 2e-4, "lm_lr": 2e-4}, "data": {"template": "auto"},
+                 "tuning": {"lm_tuning": "lora"}},
+}
+
+
+def stage_defaults(stage: str) -> RunConfig:
+    """The defaults of ``phivlm pretrain`` (stage 1) or ``phivlm finetune`` (stage 2)."""
+    return RunConfig.from_dict(STAGES[stage], f"{stage} preset")
+
+
 def _read_yaml(path: str | Path) -> dict:
     try:
         d = yaml.safe_load(Path(path).read_text())
@@ -137,21 +176,30 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_args(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
-    """Add ``--config`` and one flag per config field (default None, so set flags are known)."""
-    parser.add_argument("--config", help="YAML file with model/data/train/tuning sections")
+def _shown(default) -> str:
+    return repr(default) if default == "" else str(default)
+
+
+def add_config_args(parser: argparse.ArgumentParser, defaults: RunConfig, only: tuple[str, ...] = ()) -> None:
+    """Add ``--config`` and one flag per config field (default None, so set flags are known), its help and
+    choices from the field's metadata; ``only``: just these fields ("section.name")."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file with model/data/train/tuning sections "
+                                                         "(flags override it)")
     for section in dataclasses.fields(RunConfig):
-        group = parser.add_argument_group(section.name)
         sub = getattr(defaults, section.name)
-        for f in dataclasses.fields(sub):
-            default = getattr(sub, f.name)
-            typ = typing.get_type_hints(type(sub))[f.name]
+        hints = typing.get_type_hints(type(sub))
+        chosen = [f for f in dataclasses.fields(sub) if not only or f"{section.name}.{f.name}" in only]
+        group = parser.add_argument_group(section.name) if chosen else None
+        for f in chosen:
+            default, typ, choices = getattr(sub, f.name), hints[f.name], f.metadata["choices"]
+            text = f"{f.metadata['help']} (default: {_shown(default)})".replace("%", "%%")
+            dest = f"{section.name}.{f.name}"
             if typ is bool:
-                group.add_argument(_flag(f.name), dest=f"{section.name}.{f.name}", default=None,
-                                   action=argparse.BooleanOptionalAction, help=f"(default: {default})")
-            else:
-                group.add_argument(_flag(f.name), dest=f"{section.name}.{f.name}", default=None, type=typ,
-                                   metavar=typ.__name__.upper(), help=f"(default: {default!r})")
+                group.add_argument(_flag(f.name), dest=dest, default=None, action=argparse.BooleanOptionalAction,
+                                   help=text)
+            else:  # choices shown, not enforced here: validation names the valid values for YAML and flags alike
+                metavar = "{" + ",".join(choices) + "}" if choices else typ.__name__.upper()
+                group.add_argument(_flag(f.name), dest=dest, default=None, type=typ, metavar=metavar, help=text)
 
 
 def config_from_args(args: argparse.Namespace, defaults: RunConfig, base: RunConfig | None = None) -> RunConfig:
