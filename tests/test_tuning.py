@@ -6,6 +6,7 @@ and compared with the original LM, the stage-1 checkpoint and the checkpoint loa
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -275,3 +276,17 @@ def test_finetune_merge_flag(stage1_phi, synth_data, tmp_path):
     assert main(argv) == 0
     assert (out / "checkpoint" / "adapter").is_dir() and (out / "merged" / "lm").is_dir()
     _assert_same_answers(out / "merged", out / "checkpoint", synth_data)
+
+
+def test_train_leaves_the_callers_config_as_given(runs, synth_data, tiny_config, tmp_path):
+    """train() resolves the template ("auto") and, from a fully tuned checkpoint, the LM on its own copy."""
+    from phivlm.train.loop import train
+
+    init = runs["full"].ckpt
+    cfg = _stage2_config(tiny_config, synth_data, tmp_path / "run", tmp_path / "features", "full")
+    cfg.train.max_steps, cfg.data.limit = 1, 8
+    before = copy.deepcopy(cfg)
+    ckpt = train(cfg, init=init)
+    assert cfg == before
+    saved = RunConfig.load(ckpt / "config.yaml")  # what the run itself used
+    assert (saved.data.template, saved.model.lm) == ("phi", str(init / "lm"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -182,7 +183,9 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
 
     Under torchrun each process trains its share of every global batch with DDP; rank 0 alone
     writes logs and checkpoints. Resumes from the latest periodic checkpoint in the output folder.
+    ``cfg`` is left as given: the run resolves its template and LM on its own copy.
     """
+    cfg = copy.deepcopy(cfg)
     dist, device_name = distributed.init(cfg.train.device)
     out = prepare_output(cfg.train.output, dist.main)
     device = pick_device(device_name)
