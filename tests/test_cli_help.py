@@ -92,23 +92,25 @@ def test_every_config_field_has_help():
 
 
 def test_config_choices_are_the_registries_names():
-    from phivlm import runtime
+    from phivlm import config, runtime
     from phivlm.data.templates import TEMPLATES
     from phivlm.models.builtin import BUILTIN
     from phivlm.models.projector import PROJECTORS
-    from phivlm.train import fsdp, objectives, tuning
+    from phivlm.train import fsdp, objectives
 
-    choices = {name: set(f.metadata["choices"]) for name, f in CONFIG_FIELDS.items() if f.metadata["choices"]}
-    assert choices == {
+    listed = {name: f.metadata["choices"] for name, f in CONFIG_FIELDS.items() if f.metadata["choices"]}
+    fixed = {name for name, f in CONFIG_FIELDS.items() if f.metadata["fixed"]}
+    assert {k: set(v) for k, v in listed.items() if k not in fixed} == {  # registry names: listed for --help
         "model.projector": set(PROJECTORS.names()),
         "data.template": {"auto", *TEMPLATES.names()},
-        "train.fsdp": set(fsdp.MODES),
-        "train.precision": set(runtime.PRECISIONS),
         "train.objective": set(objectives.OBJECTIVES.names()),
         "train.tf_schedule": set(objectives.SCHEDULES.names()),
-        "train.feedback": set(objectives.FEEDBACK),
-        "tuning.lm_tuning": set(tuning.MODES),
     }
+    assert {k: listed[k] for k in fixed} == {  # fixed sets: defined in config, used from there
+        "train.fsdp": config.FSDP_MODES, "train.precision": config.PRECISIONS, "train.feedback": config.FEEDBACK,
+        "tuning.lm_tuning": config.LM_TUNINGS}
+    assert runtime.PRECISIONS is config.PRECISIONS and objectives.FEEDBACK is config.FEEDBACK
+    assert set(fsdp.RESHARD) == set(config.FSDP_MODES) - {"none"}
     # vision and LM: any hub id or folder, so no choices; their help names every built-in model
     helps = CONFIG_FIELDS["model.vision"].metadata["help"] + CONFIG_FIELDS["model.lm"].metadata["help"]
     assert set(BUILTIN.names()) == set(re.findall(r"[\w.-]+", helps)) & set(BUILTIN.names())

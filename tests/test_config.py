@@ -99,3 +99,36 @@ def test_help_works(cmd, capsys):
         main([*cmd, "--help"])
     assert e.value.code == 0
     assert f"usage: phivlm {' '.join(cmd)}" in capsys.readouterr().out
+
+
+FIXED = {("train", "fsdp"): "unknown --fsdp 'x'; valid: none, full, grad-op",
+         ("train", "precision"): "unknown precision 'x'; valid: auto, bf16, fp32, fp16",
+         ("train", "feedback"): "unknown --feedback 'x'; valid: greedy, sample",
+         ("tuning", "lm_tuning"): "unknown --lm-tuning 'x'; valid: frozen, lora, qlora, full"}
+
+
+@pytest.mark.parametrize("section, name", list(FIXED), ids=lambda v: v)
+def test_validate_refuses_a_value_outside_a_fixed_set(section, name):
+    cfg = RunConfig()
+    setattr(getattr(cfg, section), name, "x")
+    with pytest.raises(PhivlmError) as e:
+        cfg.validate()
+    assert str(e.value) == FIXED[section, name]
+
+
+def test_validate_leaves_registry_names_to_the_registries():
+    """A projector (template, objective, schedule) registered at run time is not refused by the config."""
+    cfg = RunConfig()
+    cfg.model.projector, cfg.data.template = "my_projector", "my_template"
+    cfg.validate()
+    stage_defaults("finetune").validate()
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_bad_values_fail_before_any_loading(tmp_path, capsys, how):
+    """No data, no models: the run stops at the config, whether the value came from a flag or a YAML file."""
+    argv = ["pretrain", "--output", str(tmp_path / "run")]
+    argv += (["--lm-tuning", "adapters"] if how == "flag"
+             else ["--config", write(tmp_path / "run.yaml", {"tuning": {"lm_tuning": "adapters"}})])
+    assert main(argv) == 2
+    assert "unknown --lm-tuning 'adapters'; valid: frozen, lora, qlora, full" in capsys.readouterr().err

@@ -305,11 +305,16 @@ def test_config_flags_and_errors():
     t = config_from_args(args, RunConfig()).train
     assert (t.objective, t.tf_schedule, t.tf_start, t.tf_end, t.tf_decay_steps, t.feedback,
             t.mixed_standard_fraction) == ("mixed", "linear", 0.9, 0.1, 500, "sample", 0.3)
-    for bad, match in [(dict(objective="beam"), "objective"), (dict(tf_schedule="cosine"), "schedule"),
-                       (dict(feedback="top-k"), "feedback"), (dict(tf_end=1.5), "tf-end"),
-                       (dict(tf_decay_steps=-1), "tf-decay-steps")]:
-        with pytest.raises(PhivlmError, match=match):
+    for bad, match in [(dict(objective="beam"), "unknown objective 'beam'"),
+                       (dict(tf_schedule="cosine"), "unknown teacher-forcing schedule 'cosine'")]:
+        with pytest.raises(PhivlmError, match=match):  # registry names: the registries check them
             build_objective(TrainConfig(**bad))
+    for bad, match in [(dict(feedback="top-k"), r"unknown --feedback 'top-k'; valid: greedy, sample"),
+                       (dict(tf_end=1.5), r"--tf-end must be in \[0, 1\], got 1.5"),
+                       (dict(mixed_standard_fraction=-0.1), "--mixed-standard-fraction must be in"),
+                       (dict(tf_decay_steps=-1), "--tf-decay-steps must be >= 0, got -1")]:
+        with pytest.raises(PhivlmError, match=match):
+            RunConfig(train=TrainConfig(**bad)).validate()
 
 
 def test_training_loop_runs_mixed_objective_and_logs_the_rate(synth_data, tmp_path):

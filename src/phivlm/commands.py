@@ -54,9 +54,7 @@ def cmd_features(args) -> int:
 def launch_torchrun(args, defaults: RunConfig) -> None:
     """``--nproc N``: re-run this very command under torchrun with N processes on this machine."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from .train.fsdp import check
-
-        check(config_from_args(args, defaults))  # a refused --fsdp combination: one message, not one per process
+        config_from_args(args, defaults).validate()  # e.g. a refused --fsdp combination: one message, not N
         argv = sys.argv[1:]
         i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
         del argv[i:i + (1 if "=" in argv[i] else 2)]

@@ -1,8 +1,8 @@
 """Typed run configuration: dataclasses, loadable from YAML, overridable by command-line flags.
 
 Each section's fields become flat flags (``--lr``, ``--batch-size``) whose help and choices come from the
-field's metadata; precedence is defaults < ``--config file.yaml`` < flags. Every run writes the resolved config
-next to its outputs.
+field's metadata; precedence is defaults < ``--config file.yaml`` < flags. ``RunConfig.validate`` refuses values
+no run can take. Every run writes the resolved config next to its outputs.
 """
 from __future__ import annotations
 
@@ -16,16 +16,20 @@ import yaml
 
 from .registry import PhivlmError
 
-# fixed sets of names defined here (and imported where they are used); the registry-backed choices below are
-# listed so that --help needs no torch import (tests/test_cli_help.py checks them against the registries)
+# the fixed sets of names, defined here and imported where they are used
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 LM_TUNINGS = ("frozen", "lora", "qlora", "full")
+FSDP_MODES = ("none", "full", "grad-op")
 FEEDBACK = ("greedy", "sample")
 
 
-def opt(default, help: str, choices: tuple[str, ...] = ()):
-    """A config field with its ``--help`` text and, where the valid values are a fixed set, their names."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices: tuple[str, ...] = (), names: tuple[str, ...] = (), kind: str = ""):
+    """A config field with its ``--help`` text. ``choices``: a fixed set of valid values, checked by
+    ``RunConfig.validate`` ("unknown ``kind`` (default: the flag) ..."); ``names``: the names of a registry,
+    listed so that --help needs no torch import (the registry checks them, and also knows names registered
+    at run time; tests/test_cli_help.py checks the list against it). Both are shown in --help."""
+    return field(default=default, metadata={"help": help, "choices": choices or names, "fixed": bool(choices),
+                                            "kind": kind})
 
 
 @dataclass
@@ -40,7 +44,7 @@ class ModelConfig:
     lm: str = opt("smollm2-135m", "language model: a built-in name (smollm2-135m, tiny-phi, tiny-llama), "
                   "a hub id or a local folder")
     projector: str = opt("residual", "projector from image features to LM embeddings",
-                         ("linear", "mlp2x_gelu", "residual"))
+                         names=("linear", "mlp2x_gelu", "residual"))
     projector_depth: int = opt(2, "residual blocks of the residual projector")
     trust_remote_code: bool = opt(False, "allow an LM that needs trust_remote_code to run its own Python code")
 
@@ -53,7 +57,7 @@ class DataConfig:
     features: str = opt(".cache/features", "feature-cache root; one sub-folder per vision tower")
     limit: int = opt(0, "seeded random subset of this many images (0 = all)")
     template: str = opt("plain", "prompt template; auto: the tokenizer's chat template if it has one, else phi",
-                        ("auto", "chat", "phi", "plain"))
+                        names=("auto", "chat", "phi", "plain"))
     max_length: int = opt(256, "text tokens per sample (image tokens not counted)")
     skip_bad: bool = opt(False, "skip (and log) bad samples instead of failing")
 
@@ -68,14 +72,15 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     group_by_length: bool = opt(False, "batch samples of similar length together (less padding)")
     fsdp: str = opt("none", "none: DDP; full: shard parameters, gradients and optimizer state (ZeRO-3); grad-op: "
-                    "shard gradients and optimizer state (ZeRO-2)", ("none", "full", "grad-op"))
+                    "shard gradients and optimizer state (ZeRO-2)", FSDP_MODES)
     lr: float = opt(1e-3, "learning rate of the projector and separator")
     lm_lr: float = opt(2e-4, "learning rate of the LoRA adapters or LM weights")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up (then cosine decay)")
     grad_clip: float = opt(1.0, "gradient norm clipped to this")
     seed: int = opt(0, "seed of data order, subsets and initialisation")
-    precision: str = opt("auto", "auto: bf16 where the hardware has it, else fp32; fp16: GPU only", PRECISIONS)
+    precision: str = opt("auto", "auto: bf16 where the hardware has it, else fp32; fp16: GPU only", PRECISIONS,
+                         kind="precision")
     device: str = opt("auto", "auto (a GPU if there is one), cpu, cuda or cuda:N")
     log_every: int = opt(10, "log the training loss every N steps")
     eval_every: int = opt(0, "validation loss on --val-data every N steps (0 = only at the end)")
@@ -86,9 +91,9 @@ class TrainConfig:
                       "folder")
     skip_nonfinite: bool = opt(False, "skip (and count) batches with a non-finite loss instead of stopping")
     objective: str = opt("standard", "training objective (see README, \"Training objectives\")",
-                         ("autoregressive", "mixed", "standard"))
+                         names=("autoregressive", "mixed", "standard"))
     tf_schedule: str = opt("exponential", "teacher-forcing rate over the steps",
-                           ("constant", "exponential", "linear"))
+                           names=("constant", "exponential", "linear"))
     tf_start: float = opt(1.0, "teacher-forcing rate at step 0 (1 = always feed the ground-truth token)")
     tf_end: float = opt(0.5, "floor the teacher-forcing rate decays to")
     tf_decay_steps: int = opt(0, "linear reaches --tf-end here; exponential is 99% of the way (0 = the whole run)")
@@ -130,6 +135,34 @@ class RunConfig:
                     raise PhivlmError(f"{source}: unknown key {section}.{k}")
                 setattr(sub, k, _coerce(type(getattr(sub, k)), v, f"{source}: {section}.{k}"))
         return cfg
+
+    def validate(self) -> None:
+        """Fail, before any loading, on values no run can take: a name outside a fixed set, a rate outside
+        [0, 1], a combination --fsdp cannot train. (Registry names are checked by their registries.)"""
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            for f in dataclasses.fields(sub):
+                value, meta = getattr(sub, f.name), f.metadata
+                if meta["fixed"] and value not in meta["choices"]:
+                    raise PhivlmError(f"unknown {meta['kind'] or _flag(f.name)} {value!r}; "
+                                      f"valid: {', '.join(meta['choices'])}")
+        t = self.train
+        for name in ("tf_start", "tf_end", "mixed_standard_fraction"):
+            if not 0.0 <= getattr(t, name) <= 1.0:
+                raise PhivlmError(f"{_flag(name)} must be in [0, 1], got {getattr(t, name)}")
+        if t.tf_decay_steps < 0:
+            raise PhivlmError(f"--tf-decay-steps must be >= 0, got {t.tf_decay_steps}")
+        if t.fsdp != "none":
+            if self.tuning.lm_tuning == "qlora":
+                raise PhivlmError("--fsdp cannot shard QLoRA's 4-bit bitsandbytes weights; use --lm-tuning lora "
+                                  "with --fsdp, or qlora without it")
+            if t.objective != "standard":
+                raise PhivlmError(f"--fsdp needs --objective standard: {t.objective} decodes a data-dependent "
+                                  "number of steps per batch, which sharded processes cannot keep in step (use it "
+                                  "without --fsdp)")
+            if t.precision == "fp16":
+                raise PhivlmError("--fsdp trains in bf16 or fp32 (fp16 loss scaling over shards is not supported); "
+                                  "use --precision bf16")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import PRECISIONS
 from .registry import PhivlmError
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 # measured on a 2-core AMD EPYC with AVX2 only: 1024^2 matmul 0.7 GFLOP/s in bf16 vs 42 in fp32
 SLOW_BF16 = ("this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 runs in slow emulation "
              "(measured on such a host: bf16 matmul 0.7 GFLOP/s vs 42 in fp32); use --precision auto or fp32")

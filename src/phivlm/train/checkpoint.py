@@ -22,7 +22,7 @@ from ..models.lm import load_lm, load_tokenizer
 from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..registry import PhivlmError
-from .tuning import apply_tuning, check_mode, quantization_config
+from .tuning import apply_tuning, quantization_config
 
 log = logging.getLogger(__name__)
 PROJECTOR_FILE = "projector.safetensors"
@@ -63,7 +63,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def build_vlm(cfg: RunConfig, d_vision: int, n_patches: int, device: torch.device,
               init: Path | None = None, trainable: bool = True, quantize: bool = True):
     """The model described by ``cfg``; weights from checkpoint ``init`` where it has them."""
-    check_mode(cfg.tuning.lm_tuning)
+    cfg.validate()  # also a checkpoint's config, read from its folder
     lm_source = str(init / "lm") if init is not None and (init / "lm").is_dir() else cfg.model.lm
     tok = load_tokenizer(lm_source, cfg.model.trust_remote_code)
     qcfg = quantization_config(cfg.tuning) if quantize else None

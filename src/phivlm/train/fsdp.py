@@ -19,31 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import RunConfig
 from ..registry import PhivlmError
 
 log = logging.getLogger(__name__)
 
-# --fsdp mode -> reshard_after_forward of the decoder layers (None: no FSDP)
-MODES = {"none": None, "full": True, "grad-op": False}
-
-
-def check(cfg: RunConfig) -> None:
-    """Fail before any loading on a mode or combination FSDP cannot train."""
-    mode = cfg.train.fsdp
-    if mode not in MODES:
-        raise PhivlmError(f"unknown --fsdp {mode!r}; valid: {', '.join(MODES)}")
-    if mode == "none":
-        return
-    if cfg.tuning.lm_tuning == "qlora":
-        raise PhivlmError("--fsdp cannot shard QLoRA's 4-bit bitsandbytes weights; use --lm-tuning lora with "
-                          "--fsdp, or qlora without it")
-    if cfg.train.objective != "standard":
-        raise PhivlmError(f"--fsdp needs --objective standard: {cfg.train.objective} decodes a data-dependent number "
-                          "of steps per batch, which sharded processes cannot keep in step (use it without --fsdp)")
-    if cfg.train.precision == "fp16":
-        raise PhivlmError("--fsdp trains in bf16 or fp32 (fp16 loss scaling over shards is not supported); "
-                          "use --precision bf16")
+# --fsdp mode (config.FSDP_MODES but none; RunConfig.validate refuses what FSDP cannot train) ->
+# reshard_after_forward of the decoder layers
+RESHARD = {"full": True, "grad-op": False}
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -62,7 +44,7 @@ def shard(root: nn.Module, lm: nn.Module, mode: str, device: torch.device) -> No
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    reshard = MODES[mode]
+    reshard = RESHARD[mode]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = decoder_layers(lm)
     for layer in layers:

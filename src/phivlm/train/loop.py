@@ -186,6 +186,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     ``cfg`` is left as given: the run resolves its template and LM on its own copy.
     """
     cfg = copy.deepcopy(cfg)
+    cfg.validate()  # a bad value fails before anything is loaded or written
     dist, device_name = distributed.init(cfg.train.device)
     out = prepare_output(cfg.train.output, dist.main)
     device = pick_device(device_name)
@@ -198,7 +199,6 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
         init = resume
     seed_everything(cfg.train.seed)
     check_template_name(cfg.data.template)  # fail on a bad name before any loading
-    fsdp.check(cfg)
     sharded = cfg.train.fsdp != "none" and dist.world > 1
     if cfg.train.fsdp != "none" and not sharded:
         log.warning("--fsdp %s with one process: nothing to shard, training unsharded", cfg.train.fsdp)

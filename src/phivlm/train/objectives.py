@@ -27,11 +27,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..config import TrainConfig
+from ..config import FEEDBACK, TrainConfig
 from ..models.vlm import IGNORE, PhiVLM
 from ..registry import PhivlmError, Registry
-
-FEEDBACK = ("greedy", "sample")
 
 # -- teacher-forcing schedules -----------------------------------------------------------------
 # Each maps (p0, p_min, step, decay_steps) to the teacher-forcing rate at ``step`` (0-based).
@@ -237,13 +235,7 @@ class Mixed(Autoregressive):
 
 
 def build_objective(cfg: TrainConfig) -> Objective:
-    """The configured objective; bad names or rates fail here, before any loading."""
+    """The configured objective; a bad objective or schedule name fails here, before any loading (the other
+    values: ``RunConfig.validate``)."""
     SCHEDULES.get(cfg.tf_schedule)
-    if cfg.feedback not in FEEDBACK:
-        raise PhivlmError(f"unknown --feedback {cfg.feedback!r}; valid: {', '.join(FEEDBACK)}")
-    for name in ("tf_start", "tf_end", "mixed_standard_fraction"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise PhivlmError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
-    if cfg.tf_decay_steps < 0:
-        raise PhivlmError(f"--tf-decay-steps must be >= 0, got {cfg.tf_decay_steps}")
     return OBJECTIVES.get(cfg.objective)(cfg)

@@ -15,12 +15,6 @@ from ..models.lm import LORA_TARGETS
 from ..registry import PhivlmError
 
 log = logging.getLogger(__name__)
-MODES = ("frozen", "lora", "qlora", "full")
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise PhivlmError(f"unknown --lm-tuning {mode!r}; valid: {', '.join(MODES)}")
 
 
 def quantization_config(tuning: TuningConfig):
@@ -69,8 +63,8 @@ def load_adapter(lm: nn.Module, folder: Path, trainable: bool):
 
 
 def apply_tuning(lm: nn.Module, tuning: TuningConfig, adapter_dir: str | None = None, trainable: bool = True):
-    """Freeze or wrap ``lm`` per ``tuning.lm_tuning``; loads an existing PEFT adapter if given."""
-    check_mode(tuning.lm_tuning)
+    """Freeze or wrap ``lm`` per ``tuning.lm_tuning`` (one of config.LM_TUNINGS, as ``RunConfig.validate``
+    checks); loads an existing PEFT adapter if given."""
     if tuning.lm_tuning in ("frozen", "full"):
         lm.requires_grad_(trainable and tuning.lm_tuning == "full")
     else:
