@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import signal
@@ -13,8 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..config import RunConfig
@@ -26,35 +23,15 @@ from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..registry import Interrupted, PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
-from . import distributed, fsdp, state
+from . import distributed, state
 from .distributed import Dist
 from .checkpoint import build_vlm, resolve_checkpoint, save_checkpoint
 from .objectives import build_objective
+from .runlog import RunLog
 from .sampler import StepBatches
+from .strategy import OneProcess, choose as choose_strategy
 
 log = logging.getLogger(__name__)
-
-
-def prepare_output(folder: str | Path, main: bool = True) -> Path:
-    out = Path(folder)
-    if not main:
-        return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PhivlmError(f"{out}: output folder is not writable ({e.strerror})") from None
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "phivlm_run", False)]:  # one run log at a time
-        root.removeHandler(h)
-        h.close()
-    handler = logging.FileHandler(out / "train.log")
-    handler.phivlm_run = True
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    return out
 
 
 def load_data(cfg: RunConfig, tower: VisionTower, path: str, template, tok, device, skipped: list[dict],
@@ -148,14 +125,20 @@ def _n_labels(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _resume_dir(cfg: RunConfig, out: Path) -> Path | None:
+def _resume_dir(cfg: RunConfig, out: Path, run_fp: dict[str, str]) -> Path | None:
+    """The checkpoint to resume from, or None; one found by ``--resume auto`` must be of this run (``run_fp``)."""
     if cfg.train.resume == "none":
         return None
     if cfg.train.resume == "auto":
-        return state.latest(out)
-    folder = resolve_checkpoint(cfg.train.resume)
-    if not (folder / state.TRAINER_FILE).is_file():
-        raise PhivlmError(f"{folder}: not a resumable checkpoint ({state.TRAINER_FILE} missing)")
+        folder = state.latest(out)
+        if folder is not None:
+            state.check_same_run(folder, run_fp)
+    else:
+        folder = resolve_checkpoint(cfg.train.resume)
+        if not (folder / state.TRAINER_FILE).is_file():
+            raise PhivlmError(f"{folder}: not a resumable checkpoint ({state.TRAINER_FILE} missing)")
+    if folder is not None:
+        log.info("resuming from %s", folder)
     return folder
 
 
@@ -178,196 +161,183 @@ def _sigint_flag():
             signal.signal(signal.SIGINT, old)
 
 
-def train(cfg: RunConfig, init: Path | None = None) -> Path:
-    """Train per ``cfg`` (from checkpoint ``init`` if given); returns the final checkpoint folder.
 
-    Under torchrun each process trains its share of every global batch with DDP; rank 0 alone
-    writes logs and checkpoints. Resumes from the latest periodic checkpoint in the output folder.
-    ``cfg`` is left as given: the run resolves its template and LM on its own copy.
-    """
-    cfg = copy.deepcopy(cfg)
-    cfg.validate()  # a bad value fails before anything is loaded or written
-    dist, device_name = distributed.init(cfg.train.device)
-    out = prepare_output(cfg.train.output, dist.main)
-    device = pick_device(device_name)
-    run_fp = state.fingerprint(cfg, init, dist.world)
-    resume = _resume_dir(cfg, out)
-    if resume is not None:
-        if cfg.train.resume == "auto":
-            state.check_same_run(resume, run_fp)
-        log.info("resuming from %s", resume)
-        init = resume
-    seed_everything(cfg.train.seed)
-    check_template_name(cfg.data.template)  # fail on a bad name before any loading
-    sharded = cfg.train.fsdp != "none" and dist.world > 1
-    if cfg.train.fsdp != "none" and not sharded:
-        log.warning("--fsdp %s with one process: nothing to shard, training unsharded", cfg.train.fsdp)
-    objective = build_objective(cfg.train)
+
+def _model_and_data(cfg: RunConfig, init: Path | None, build_on: torch.device, device: torch.device, dist: Dist):
+    """(vlm, tok, training data, validation data or None, skipped samples); data: (dataset, feature store). The
+    model comes from checkpoint ``init`` where given, built on ``build_on``. Resolves the run's template, and
+    after full tuning its base LM, in ``cfg``."""
     tower = build_tower(cfg.model)
-    # FSDP: built whole on the CPU, then sharded onto the device
-    build_on = torch.device("cpu") if sharded else device
     vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, build_on, init)
     cfg.data.template = resolve_template_name(cfg.data.template, tok)
     template = get_template(cfg.data.template)
     if init is not None and (init / "lm").is_dir():
         cfg.model.lm = str(init / "lm")  # an earlier full-tuned LM is the base from now on
     skipped: list[dict] = []
-    ds, store = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped, dist)
-    val = (load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped, dist)
-           if cfg.data.val_data else None)
+    data = load_data(cfg, tower, cfg.data.data, template, tok, device, skipped, dist)
+    val = load_data(cfg, tower, cfg.data.val_data, template, tok, device, skipped, dist) if cfg.data.val_data else None
     if init is None:  # a new projector: its input statistics come from this run's data
-        fit_feature_norm(vlm, ds, store)
-    if dist.main:
-        cfg.save(out / "config.yaml")
-    del tower
+        fit_feature_norm(vlm, *data)
+    return vlm, tok, data, val, skipped
 
+
+def _loaders(cfg: RunConfig, data, val, tok, batches: StepBatches, start: int, steps: int):
+    """(training loader of steps ``start``..``steps``, validation loader or None); data: (dataset, feature store)."""
     t = cfg.train
+    # its own generator: iterating must not draw from the global RNG just restored (dropout would shift)
+    loader = DataLoader(data[0], batch_sampler=_MicroBatches(batches, start, steps), num_workers=t.workers,
+                        collate_fn=Collator(data[1], tok.pad_token_id), generator=torch.Generator().manual_seed(t.seed))
+    vloader = None if val is None else DataLoader(val[0], batch_size=t.batch_size,
+                                                  collate_fn=Collator(val[1], tok.pad_token_id))
+    return loader, vloader
+
+
+def _step_record(step: int, losses: list[float], lr: float, t0: float, tf_rate: float | None) -> dict:
+    """A line of ``log.jsonl``: the mean loss since the last one."""
+    rec = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "elapsed_s": round(time.time() - t0, 2)}
+    if tf_rate is not None:
+        rec["tf_rate"] = round(tf_rate, 4)
+    return rec
+
+
+class _Update:
+    """Gradients of a global batch and the optimizer step: AdamW with a cosine schedule after warm-up, fp16 loss
+    scaling, gradient clipping; a step whose loss or gradient is not finite is skipped."""
+
+    def __init__(self, vlm: PhiVLM, cfg: RunConfig, steps: int, strategy: OneProcess, device: torch.device):
+        t = cfg.train
+        self.params = [p for g in param_groups(vlm, cfg) for p in g["params"]]
+        self.opt = torch.optim.AdamW(param_groups(vlm, cfg), weight_decay=t.weight_decay)
+        self.sched = get_cosine_schedule_with_warmup(self.opt, int(t.warmup_ratio * steps), steps)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.strategy, self.device, self.precision, self.grad_clip = strategy, device, t.precision, t.grad_clip
+
+    def gradients(self, model: nn.Module, micro: list[dict], step: int, steps: int) -> float:
+        """Forward and backward over this rank's micro-batches of a global batch; returns the batch's mean loss."""
+        dist = self.strategy.dist
+        n_global = dist.sum(sum(_n_labels(b) for b in micro))
+        loss_sum = 0.0
+        for j, batch in enumerate(micro):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            n = _n_labels(batch)
+            with self.strategy.accumulating(last=j == len(micro) - 1):
+                with autocast(self.device, self.precision):
+                    loss = model(batch, step, steps)
+                # weight by this micro-batch's share of the global batch's labelled tokens, so the
+                # update equals one big batch whatever the split (DDP averages over processes)
+                scaled = loss * (n * dist.world / max(n_global, 1))
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.item() * n
+        return dist.sum(loss_sum) / max(n_global, 1)
+
+    def apply(self, mean_loss: float) -> str | None:
+        """The optimizer and scheduler step; returns what was not finite ("loss" or "gradient", the step skipped)."""
+        bad = None if math.isfinite(mean_loss) else "loss"
+        if bad is None:
+            if self.scaler:
+                self.scaler.unscale_(self.opt)
+            norm = self.strategy.clip_grad_norm(self.params, self.grad_clip)
+            # a finite loss can still give NaN/inf gradients; the step would write them into the weights
+            # (fp16: the loss scaler skips such steps itself)
+            bad = None if self.scaler or math.isfinite(norm) else "gradient"
+        if bad is None and self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        elif bad is None:
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return bad
+
+
+def train(cfg: RunConfig, init: Path | None = None) -> Path:
+    """Train per ``cfg`` (from checkpoint ``init`` if given); returns the final checkpoint folder.
+
+    Under torchrun each process trains its share of every global batch (DDP, or FSDP with ``--fsdp``); rank 0
+    alone writes logs and checkpoints. Resumes from the latest periodic checkpoint in the output folder.
+    ``cfg`` is left as given: the run resolves its template and LM on its own copy.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.validate()  # a bad value fails before anything is loaded or written
+    dist, device_name = distributed.init(cfg.train.device)
+    runlog = RunLog(cfg.train.output, dist.main)
+    out, device, t = runlog.out, pick_device(device_name), cfg.train
+    run_fp = state.fingerprint(cfg, init, dist.world)
+    resume = _resume_dir(cfg, out, run_fp)
+    init = resume or init
+    seed_everything(t.seed)
+    check_template_name(cfg.data.template)  # fail on a bad name before any loading
+    strategy = choose_strategy(t.fsdp, dist, device)
+    objective = build_objective(t)
+    vlm, tok, (ds, store), val, skipped = _model_and_data(cfg, init, strategy.build_device, device, dist)
+    runlog.start(cfg)
     batches = StepBatches(ds.lengths(), t.batch_size, t.seed, dist.world, dist.rank, t.grad_accum,
                           t.group_by_length)
     steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
-    step_module = _Step(vlm, objective)
-    if sharded:
-        fsdp.shard(step_module, vlm.base_lm, t.fsdp, device)  # parameters are replaced: before the optimizer
-    params = [p for g in param_groups(vlm, cfg) for p in g["params"]]
-    opt = torch.optim.AdamW(param_groups(vlm, cfg), weight_decay=t.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, int(t.warmup_ratio * steps), steps)
-    start = 0 if resume is None else state.restore(
-        resume, opt, sched, lambda osd: fsdp.load_optimizer_state(step_module, opt, osd, sharded))
-    model: nn.Module = step_module
-    if dist.world > 1 and not sharded:
-        model = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    # its own generator: iterating must not draw from the global RNG just restored (dropout would shift)
-    loader = DataLoader(ds, batch_sampler=_MicroBatches(batches, start, steps), num_workers=t.workers,
-                        collate_fn=Collator(store, tok.pad_token_id), generator=torch.Generator().manual_seed(t.seed))
-    if dist.main:
-        log.info("training steps %d..%d on %d samples (%d skipped), global batch %d (%d x %d procs x %d accum), "
-                 "padding %.1f%%; %.2fM trainable parameters; %s, %s", start + 1, steps, len(ds), len(skipped),
-                 batches.global_size, t.batch_size, dist.world, t.grad_accum, 100 * batches.padding_fraction(),
-                 sum(p.numel() for p in params) / 1e6, device, t.precision)
+    model = strategy.wrap(_Step(vlm, objective))
+    update = _Update(vlm, cfg, steps, strategy, device)
+    start = 0 if resume is None else state.restore(resume, update.opt, update.sched,
+                                                   lambda osd: strategy.load_optimizer(update.opt, osd))
+    loader, vloader = _loaders(cfg, (ds, store), val if strategy.validates else None, tok, batches, start, steps)
+    runlog.info("training steps %d..%d on %d samples (%d skipped), global batch %d (%d x %d procs x %d accum), "
+                "padding %.1f%%; %.2fM trainable parameters; %s, %s", start + 1, steps, len(ds), len(skipped),
+                batches.global_size, t.batch_size, dist.world, t.grad_accum, 100 * batches.padding_fraction(),
+                sum(p.numel() for p in update.params) / 1e6, device, t.precision)
 
-    vlm.train()
-    logf = open(out / "log.jsonl", "a") if dist.main else None
-    tb = SummaryWriter(str(out / "tb")) if dist.main else None
-    # FSDP: every rank takes part in validation (the parameters are sharded); else rank 0 alone validates
-    vloader = None if val is None or not (dist.main or sharded) else DataLoader(
-        val[0], batch_size=t.batch_size, collate_fn=Collator(val[1], tok.pad_token_id))
-
-    def validate() -> float:
-        if not sharded:
-            return evaluate_loss(vlm, vloader, device, t.precision)
-        loss = evaluate_loss(vlm, vloader, device, t.precision, lambda b: step_module(b, 0, 0, standard=True))
-        step_module.reshard()  # the root keeps its gathered parameters after a forward
+    def validate(step: int) -> float:
+        with strategy.evaluating() as forward:
+            loss = evaluate_loss(vlm, vloader, device, t.precision, forward)
+        runlog.record({"step": step, "val_loss": loss})
         return loss
 
-    def gathered():
-        """(weights, optimizer state) to save: gathered whole from the shards under FSDP (all ranks call it)."""
-        return (fsdp.full_state(step_module), fsdp.full_optimizer_state(step_module, opt)) if sharded else (None, opt)
-
-    def record(rec: dict) -> None:
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        for k, v in rec.items():
-            if k not in ("step", "elapsed_s"):
-                tb.add_scalar(k, v, rec["step"])
-
-    def checkpoint(step: int) -> None:
-        weights, opt_state = gathered()
-        if dist.main:
+    def save_step(step: int) -> None:  # a resumable checkpoint
+        def write(weights, opt_state):
             save_checkpoint(vlm, cfg, tok, state.step_dir(out, step), {"step": step},
-                            extra=state.writer(opt_state, sched, step, run_fp), weights=weights)
+                            extra=state.writer(opt_state, update.sched, step, run_fp), weights=weights)
             state.rotate(out, t.keep_last)
 
+        strategy.save(write, update.opt)
+
+    vlm.train()
     t0, running, n_nonfinite = time.time(), [], 0
     micro_iter = iter(loader)
     # the bar is closed (its line ended) also when a stop message follows
-    with _sigint_flag() as sigint, tqdm(total=steps, initial=start, desc="train", unit="step",
-                                        disable=not dist.main) as bar:
+    with _sigint_flag() as sigint, runlog.progress(steps, start) as bar:
         for step in range(start, steps):
-            micro = [next(micro_iter) for _ in range(t.grad_accum)]
-            n_global = dist.sum(sum(_n_labels(b) for b in micro))
-            loss_sum = 0.0
-            for j, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                n = _n_labels(batch)
-                sync = dist.world == 1 or sharded or j == len(micro) - 1  # FSDP reduce-scatters every micro-batch
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with autocast(device, t.precision):
-                        loss = model(batch, step, steps)
-                    # weight by this micro-batch's share of the global batch's labelled tokens, so the
-                    # update equals one big batch whatever the split (DDP averages over processes)
-                    scaled = loss * (n * dist.world / max(n_global, 1))
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.item() * n
-            mean_loss = dist.sum(loss_sum) / max(n_global, 1)
-            bad = None if math.isfinite(mean_loss) else "loss"
-            if bad is None:
-                if scaler:
-                    scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-                # a finite loss can still give NaN/inf gradients; the step would write them into the weights
-                # (fp16: the loss scaler skips such steps itself)
-                bad = None if scaler or math.isfinite(float(norm)) else "gradient"
+            mean_loss = update.gradients(model, [next(micro_iter) for _ in range(t.grad_accum)], step, steps)
+            bad = update.apply(mean_loss)
+            if bad and not t.skip_nonfinite:
+                raise PhivlmError(f"non-finite {bad} at step {step + 1}; stopped (last good checkpoint: "
+                                  f"{state.latest(out) or 'none'}; lower --lr or use --skip-nonfinite)")
+            bar.update(1)
             if bad:
-                if not t.skip_nonfinite:
-                    last = state.latest(out)
-                    raise PhivlmError(f"non-finite {bad} at step {step + 1}; stopped (last good checkpoint: "
-                                      f"{last or 'none'}; lower --lr or use --skip-nonfinite)")
                 n_nonfinite += 1
                 log.warning("non-finite %s at step %d: batch skipped (%d so far)", bad, step + 1, n_nonfinite)
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                bar.update(1)
                 continue
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
             done = step + 1
             running.append(mean_loss)
-            bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
-            if dist.main and (done % t.log_every == 0 or done == steps):
-                rec = {"step": done, "loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
-                       "elapsed_s": round(time.time() - t0, 2)}
-                if (tf := objective.tf_rate(step, steps)) is not None:
-                    rec["tf_rate"] = round(tf, 4)
-                record(rec)
+            if done % t.log_every == 0 or done == steps:
+                runlog.record(_step_record(done, running, update.sched.get_last_lr()[0], t0,
+                                           objective.tf_rate(step, steps)))
                 running = []
             if vloader is not None and t.eval_every and done % t.eval_every == 0 and done < steps:
-                vloss = validate()
-                if dist.main:
-                    record({"step": done, "val_loss": vloss})
+                validate(done)
             stop = done < steps and dist.sum(float(sigint["set"])) > 0  # after the last step: just finish
-            if (dist.main or sharded) and done < steps and (stop or (t.save_every and done % t.save_every == 0)):
-                checkpoint(done)
+            if done < steps and (stop or (t.save_every and done % t.save_every == 0)):
+                save_step(done)
             if stop:
                 dist.barrier()
                 raise Interrupted(f"interrupted at step {done}; resumable checkpoint {state.step_dir(out, done)}"
                                   f" (run the same command again to resume)")
     if vloader is not None:
-        vloss = validate()
-        if dist.main:
-            record({"step": steps, "val_loss": vloss})
-            log.info("validation loss %.4f", vloss)
+        runlog.info("validation loss %.4f", validate(steps))
     if n_nonfinite:
         log.warning("%d batches with a non-finite loss were skipped", n_nonfinite)
-    weights = fsdp.full_state(step_module) if sharded else None
-    if not dist.main:
-        dist.barrier()
-        return out / "checkpoint"
-    logf.close()
-    tb.close()
-    if skipped:
-        with open(out / "skipped.jsonl", "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in skipped)
-        log.warning("%d bad samples skipped; see %s", len(skipped), out / "skipped.jsonl")
-    ckpt = save_checkpoint(vlm, cfg, tok, out / "checkpoint", {"step": steps, "elapsed_s": time.time() - t0,
-                                                               "nonfinite_skipped": n_nonfinite}, weights=weights)
+    runlog.close()
+    runlog.skipped(skipped)
+    strategy.save(lambda weights, _: save_checkpoint(vlm, cfg, tok, out / "checkpoint", {
+        "step": steps, "elapsed_s": time.time() - t0, "nonfinite_skipped": n_nonfinite}, weights=weights))
     dist.barrier()
-    log.info("checkpoint written to %s (%.0f s)", ckpt, time.time() - t0)
-    return ckpt
+    runlog.info("checkpoint written to %s (%.0f s)", out / "checkpoint", time.time() - t0)
+    return out / "checkpoint"
