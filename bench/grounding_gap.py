@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from phivlm.data.dataset import Collator
 from phivlm.data.templates import get_template
 from phivlm.train.checkpoint import load_checkpoint
+from phivlm.train.distributed import Dist
 from phivlm.train.loop import evaluate_loss, load_data
 
 
@@ -37,7 +38,8 @@ def main() -> None:
     cfg.data.limit = a.limit
     cfg.data.images = a.images or cfg.data.images
     cfg.data.features = a.features or cfg.data.features
-    ds, store = load_data(cfg, loaded.tower, a.data, get_template(cfg.data.template), loaded.tok, cpu, [])
+    ds, store = load_data(cfg, loaded.tower, a.data, get_template(cfg.data.template), loaded.tok, cpu, [],
+                          Dist())
     collate = Collator(store, loaded.tok.pad_token_id)
 
     images = sorted({image for image, _, _ in ds.items})
