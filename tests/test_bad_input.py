@@ -39,7 +39,7 @@ from phivlm.cli import main
 from phivlm.config import RunConfig
 from phivlm.data.images import MAX_PIXELS, BadImage, image_path, open_rgb
 from phivlm.data.sources import load_samples
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 Q = "<image>\nWhat is in the picture?"
 

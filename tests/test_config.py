@@ -8,7 +8,7 @@ import yaml
 
 from phivlm.cli import build_parser, main
 from phivlm.config import RunConfig, config_from_args, stage_defaults
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 
 def write(path, data) -> str:

@@ -17,7 +17,7 @@ from phivlm.data.sources import load_samples
 from phivlm.data.templates import IMAGE_TOKEN
 from phivlm.models.vision import VisionTower
 from phivlm.models.vlm import IGNORE
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 N_IMAGES = 6  # feature-cache tests: 3 shards of 2
 

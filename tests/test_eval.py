@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
 STEPS = 60  # training steps of the tiny model

@@ -27,7 +27,7 @@ from phivlm.generate import GenerationConfig, generate
 from phivlm.infer import Assistant
 from phivlm.models.vision import VisionTower, build_tower, select_features
 from phivlm.models.vlm import IMAGE_ID, SEP_ID
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 from phivlm.train.checkpoint import build_vlm, save_checkpoint
 
 QUESTION = "What color is the shape?"

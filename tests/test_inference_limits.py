@@ -11,7 +11,7 @@ from phivlm.cli import main
 from phivlm.data.templates import IMAGE_TOKEN, encode_prompt
 from phivlm.generate import GenerationConfig
 from phivlm.infer import MAX_QUESTION_CHARS, Assistant, load_image
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from phivlm.models.lm import load_lm
 from phivlm.models.projector import PROJECTORS, ResidualBlock, ResidualProjector, build_projector
 from phivlm.models.vision import VisionTower
 from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID, PhiVLM
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 P, D_V = 49, 32  # tiny-clip: 7x7 patches of width 32
 TEMPLATE = {"tiny-phi": "phi", "tiny-llama": "chat"}

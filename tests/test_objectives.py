@@ -14,7 +14,7 @@ from phivlm.data.templates import encode, encode_prompt, get_template
 from phivlm.generate import GenerationConfig, generate
 from phivlm.models.lm import load_lm
 from phivlm.models.vlm import PhiVLM
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 from phivlm.train import objectives
 from phivlm.train.objectives import SCHEDULES, autoregressive_loss, build_objective, split_prompt
 from phivlm.train.tuning import apply_tuning

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phivlm import runtime
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 from phivlm.runtime import autocast, choose_precision, cpu_bf16, cpu_flags
 
 CPU = torch.device("cpu")

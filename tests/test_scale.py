@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from phivlm.cli import build_parser, main
 from phivlm.config import config_from_args, stage_defaults
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 from phivlm.train import loop, state
 from phivlm.train.sampler import StepBatches
 

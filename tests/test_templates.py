@@ -11,7 +11,7 @@ from phivlm.data.templates import (IMAGE_TOKEN, PHI_SYSTEM, TemplateError, encod
 from phivlm.models import builtin
 from phivlm.models.lm import load_tokenizer
 from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 P = 49  # image tokens (7x7 patches)
 QA = [("What color is the circle?", "The circle is red."),

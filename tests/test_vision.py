@@ -17,7 +17,7 @@ from PIL import Image
 
 from phivlm.models import builtin
 from phivlm.models.vision import VisionTower
-from phivlm.registry import PhivlmError
+from phivlm.errors import PhivlmError
 
 # built-in tiny tower -> (transformers class, prefix tokens to drop, native image size, patch size, encoder layers)
 TOWERS = {

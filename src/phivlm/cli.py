@@ -7,7 +7,7 @@ import sys
 
 from . import commands as c
 from .config import RunConfig, add_config_args, stage_defaults
-from .registry import PhivlmError
+from .errors import PhivlmError
 
 # the config fields `phivlm features` takes: the tower and where its cache goes, as the training runs read them
 FEATURE_FIELDS = ("model.vision", "model.feature_layer", "model.image_size", "model.image_tokens", "data.images",

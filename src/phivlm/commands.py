@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig, config_from_args, stage_defaults
-from .registry import PhivlmError
+from .errors import PhivlmError
 
 log = logging.getLogger("phivlm")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .registry import PhivlmError
+from .errors import PhivlmError
 
 # the fixed sets of names, defined here and imported where they are used
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")

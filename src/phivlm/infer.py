@@ -10,7 +10,7 @@ from PIL import Image
 from .data.images import open_rgb
 from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template
 from .generate import GenerationConfig, generate
-from .registry import PhivlmError
+from .errors import PhivlmError
 from .runtime import autocast, pick_device, resolve_precision
 from .train.checkpoint import Loaded, load_checkpoint
 

@@ -3,19 +3,9 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from .errors import PhivlmError
+
 T = TypeVar("T")
-
-
-class PhivlmError(Exception):
-    """An error with a one-line, user-facing message (the CLI prints it without a traceback)."""
-
-    exit_code = 2
-
-
-class Interrupted(PhivlmError):
-    """Training stopped by SIGINT after saving a resumable checkpoint."""
-
-    exit_code = 130
 
 
 class Registry(Generic[T]):

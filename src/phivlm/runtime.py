@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .config import PRECISIONS
-from .registry import PhivlmError
+from .errors import PhivlmError
 
 log = logging.getLogger(__name__)
 # measured on a 2-core AMD EPYC with AVX2 only: 1024^2 matmul 0.7 GFLOP/s in bf16 vs 42 in fp32

@@ -18,7 +18,7 @@ from .data.images import BadImage, open_rgb  # noqa: E402
 from .data.synth import render, sample_scene  # noqa: E402
 from .generate import GenerationConfig  # noqa: E402
 from .infer import MAX_QUESTION_CHARS, Assistant  # noqa: E402
-from .registry import PhivlmError  # noqa: E402
+from .errors import PhivlmError  # noqa: E402
 from .train.checkpoint import resolve_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from .measure import MatmulPeak
 
 FIGURES = ("stage1", "stage2", "features", "generation")

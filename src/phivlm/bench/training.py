@@ -9,7 +9,7 @@ import statistics
 import torch
 
 from ..config import TuningConfig
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from . import measure
 from .measure import Timing, count_flops, interleave, memory, paired_ratio
 from .profiling import profile_calls

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..models.vision import VisionTower
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from .images import BadImage, image_path, open_rgb
 
 log = logging.getLogger(__name__)

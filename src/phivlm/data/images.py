@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 MAX_PIXELS = 64_000_000  # larger images are refused from the header, before decoding (decompression bombs)
 MIN_SIDE = 2  # images with a side below this (e.g. 1x1 tracking pixels) are refused

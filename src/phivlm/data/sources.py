@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from .templates import IMAGE_TOKEN, Turns
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 Transform = Callable[[torch.Tensor, int], torch.Tensor]
 BASELINES: dict[str, Transform] = {}

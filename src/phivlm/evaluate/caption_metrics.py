@@ -11,7 +11,7 @@ import functools
 import shutil
 from typing import Hashable
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 

@@ -22,7 +22,7 @@ from ..data.sources import load_samples
 from ..data.templates import IMAGE_TOKEN
 from ..generate import GenerationConfig
 from ..infer import Assistant
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from . import caption_metrics as cm
 from .baselines import BASELINES
 from .report import write_report

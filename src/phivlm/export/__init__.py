@@ -23,7 +23,7 @@ from ..models import builtin
 from ..models.lm import load_tokenizer
 from ..models.vision import VisionTower
 from ..models.vlm import PhiVLM
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from ..train.checkpoint import Loaded, load_merged, resolve_checkpoint
 from .card import find_metrics, model_card
 from .formats import FORMATS, Parts

@@ -9,7 +9,7 @@ import yaml
 from .. import __version__
 from ..config import RunConfig
 from ..models import builtin
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 PROJECTORS = {
     "linear": "Linear(d_vision -> d_lm)",

@@ -11,7 +11,8 @@ from PIL import Image
 
 from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, encode_prompt, get_template, start_token
 from ..models.vlm import IMAGE_ID, SEP_ID
-from ..registry import PhivlmError, Registry
+from ..errors import PhivlmError
+from ..registry import Registry
 
 SEP_TOKEN = "<image_sep>"
 IMAGE_SLOT = IMAGE_TOKEN + SEP_TOKEN  # what a chat template writes where the image goes

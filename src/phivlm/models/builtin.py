@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from ..folders import atomic_folder
-from ..registry import PhivlmError, Registry
+from ..errors import PhivlmError
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 

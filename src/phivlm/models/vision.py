@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import PhivlmError, Registry
+from ..errors import PhivlmError
+from ..registry import Registry
 from . import builtin
 
 log = logging.getLogger(__name__)

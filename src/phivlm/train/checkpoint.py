@@ -21,7 +21,7 @@ from ..folders import atomic_folder, recover
 from ..models.lm import load_lm, load_tokenizer
 from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 from .tuning import apply_tuning, quantization_config
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 log = logging.getLogger(__name__)
 

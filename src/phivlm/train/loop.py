@@ -21,7 +21,7 @@ from ..data.sources import load_samples
 from ..data.templates import check_template_name, get_template, resolve_template_name
 from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
-from ..registry import Interrupted, PhivlmError
+from ..errors import Interrupted, PhivlmError
 from ..runtime import autocast, pick_device, seed_everything
 from . import distributed, state
 from .distributed import Dist

@@ -29,7 +29,8 @@ from transformers import DynamicCache
 
 from ..config import FEEDBACK, TrainConfig
 from ..models.vlm import IGNORE, PhiVLM
-from ..registry import PhivlmError, Registry
+from ..errors import PhivlmError
+from ..registry import Registry
 
 # -- teacher-forcing schedules -----------------------------------------------------------------
 # Each maps (p0, p_min, step, decay_steps) to the teacher-forcing rate at ``step`` (0-based).

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import RunConfig
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 
 class StepBatches:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 TRAINER_FILE = "trainer.pt"  # optimizer, scheduler and torch RNG tensors; loaded with weights_only=True

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import TuningConfig
 from ..models.lm import LORA_TARGETS
-from ..registry import PhivlmError
+from ..errors import PhivlmError
 
 log = logging.getLogger(__name__)
 
