@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from phivlm.data.dataset import Collator
 from phivlm.data.templates import get_template
-from phivlm.train.checkpoint import load_checkpoint
+from phivlm.loading.checkpoint import load_checkpoint
 from phivlm.train.distributed import Dist
 from phivlm.train.loop import evaluate_loss, load_data
 

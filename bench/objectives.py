@@ -26,7 +26,7 @@ from phivlm.config import TuningConfig
 from phivlm.models.lm import load_lm
 from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID, PhiVLM
 from phivlm.train.objectives import autoregressive_loss, split_prompt
-from phivlm.train.tuning import apply_tuning
+from phivlm.loading.tuning import apply_tuning
 
 
 def make_batch(vocab: int, batch: int, n_patches: int, d_vision: int, targets: int, prompt: tuple[int, int]):

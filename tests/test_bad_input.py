@@ -309,7 +309,8 @@ def ckpts(tmp_path_factory, images):
 
     from phivlm.models import builtin
     from phivlm.models.vision import VisionTower
-    from phivlm.train.checkpoint import build_vlm, save_checkpoint
+    from phivlm.loading.checkpoint import build_vlm
+    from phivlm.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("ckpts")
     lm48 = root / "lm48"
@@ -508,7 +509,7 @@ def test_single_faults_exit_nonzero_with_one_line_and_leave_outputs(skip_run, tm
 def test_a_checkpoint_asking_for_remote_code_is_refused_unless_the_command_allows_it(capsys, ckpts, tmp_path):
     import yaml
 
-    from phivlm.train.checkpoint import load_checkpoint
+    from phivlm.loading.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "remote"
     shutil.copytree(ckpts["frozen"], ckpt)

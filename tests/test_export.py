@@ -21,14 +21,15 @@ from phivlm.config import RunConfig
 from phivlm.data.templates import IMAGE_TOKEN, encode_prompt, get_template
 from phivlm.export import MARKER, export, pick_format, vision_parts
 from phivlm.export.card import model_card
-from phivlm.export.formats import FORMATS, LLAVA_STRATEGY, Parts
+from phivlm.hf.formats import FORMATS, LLAVA_STRATEGY, Parts
 from phivlm.export.processor import token_layout
 from phivlm.generate import GenerationConfig, generate
 from phivlm.infer import Assistant
 from phivlm.models.vision import VisionTower, build_tower, select_features
 from phivlm.models.vlm import IMAGE_ID, SEP_ID
 from phivlm.errors import PhivlmError
-from phivlm.train.checkpoint import build_vlm, save_checkpoint
+from phivlm.loading.checkpoint import build_vlm
+from phivlm.train.checkpoint import save_checkpoint
 
 QUESTION = "What color is the shape?"
 NEW_TOKENS = 12

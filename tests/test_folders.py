@@ -10,7 +10,7 @@ import pytest
 from phivlm import folders
 from phivlm.config import RunConfig
 from phivlm.folders import atomic_folder
-from phivlm.train.checkpoint import PROJECTOR_FILE, resolve_checkpoint
+from phivlm.loading.checkpoint import PROJECTOR_FILE, resolve_checkpoint
 
 
 def write(out: Path, text: str) -> None:

@@ -45,7 +45,8 @@ def data(tmp_path_factory) -> dict:
     from phivlm.data.sources import load_samples
     from phivlm.data.synth import synthesize
     from phivlm.models.vision import VisionTower
-    from phivlm.train.checkpoint import build_vlm, save_checkpoint
+    from phivlm.loading.checkpoint import build_vlm
+    from phivlm.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("fsdp")
     d = synthesize(root / "synth", n_train=16, n_val=4, seed=0)

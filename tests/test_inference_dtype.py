@@ -7,7 +7,7 @@ import torch
 
 from phivlm.generate import GenerationConfig, generate
 from phivlm.runtime import autocast
-from phivlm.train.checkpoint import load_checkpoint
+from phivlm.loading.checkpoint import load_checkpoint
 
 
 def test_weights_held_in_bf16_give_the_same_logits_and_tokens(tiny_checkpoint, synth_data):

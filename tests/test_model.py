@@ -235,7 +235,7 @@ def test_feature_norm_standardises_and_folds_into_the_projector(name):
 
 
 def test_training_fits_feature_norm_once_and_checkpoint_keeps_it(synth_data, tmp_path, tiny_config):
-    from phivlm.train.checkpoint import load_checkpoint
+    from phivlm.loading.checkpoint import load_checkpoint
     from phivlm.train.loop import train
 
     cfg = tiny_config(tmp_path / "s1", synth_data["captions_train"], synth_data["images"], tmp_path / "feat",

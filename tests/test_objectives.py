@@ -17,7 +17,7 @@ from phivlm.models.vlm import PhiVLM
 from phivlm.errors import PhivlmError
 from phivlm.train import objectives
 from phivlm.train.objectives import SCHEDULES, autoregressive_loss, build_objective, split_prompt
-from phivlm.train.tuning import apply_tuning
+from phivlm.loading.tuning import apply_tuning
 
 N_PATCHES, D_VISION = 4, 32
 CONVERSATIONS = [
@@ -225,7 +225,7 @@ def test_dropout_does_not_change_phase_one_choices(tiny_tok, monkeypatch):
 
 def test_qlora_with_checkpointing_under_bf16(tiny_tok):
     pytest.importorskip("bitsandbytes")
-    from phivlm.train.checkpoint import build_vlm
+    from phivlm.loading.checkpoint import build_vlm
 
     cfg = RunConfig()
     cfg.model.lm, cfg.tuning.lm_tuning, cfg.tuning.gradient_checkpointing = "tiny-llama", "qlora", True

@@ -22,8 +22,9 @@ from phivlm.infer import Assistant
 from phivlm.models import builtin
 from phivlm.models.lm import load_lm
 from phivlm.models.vision import VisionTower
-from phivlm.train.checkpoint import PROJECTOR_FILE, load_checkpoint, merge_checkpoint
-from phivlm.train.tuning import apply_tuning, quantization_config
+from phivlm.loading.checkpoint import PROJECTOR_FILE, load_checkpoint
+from phivlm.loading.tuning import apply_tuning, quantization_config
+from phivlm.train.checkpoint import merge_checkpoint
 
 
 MODES = ("frozen", "lora", "qlora", "full")

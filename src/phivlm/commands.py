@@ -75,7 +75,8 @@ def cmd_pretrain(args) -> int:
 
 def cmd_finetune(args) -> int:
     launch_torchrun(args, stage_defaults("finetune"))
-    from .train.checkpoint import checkpoint_config, merge_checkpoint, resolve_checkpoint
+    from .loading.checkpoint import checkpoint_config, resolve_checkpoint
+    from .train.checkpoint import merge_checkpoint
     from .train.loop import train
 
     init = resolve_checkpoint(args.checkpoint)

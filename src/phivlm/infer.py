@@ -12,7 +12,8 @@ from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template
 from .generate import GenerationConfig, generate
 from .errors import PhivlmError
 from .runtime import autocast, pick_device, resolve_precision
-from .train.checkpoint import Loaded, load_checkpoint
+from .loading import Loaded
+from .loading.checkpoint import load_checkpoint
 
 CAPTION_PROMPT = "Describe the image briefly."
 MAX_QUESTION_CHARS = 4000  # one question (chat, serve, generate): bounds what one prefill can cost

@@ -19,7 +19,7 @@ from .data.synth import render, sample_scene  # noqa: E402
 from .generate import GenerationConfig  # noqa: E402
 from .infer import MAX_QUESTION_CHARS, Assistant  # noqa: E402
 from .errors import PhivlmError  # noqa: E402
-from .train.checkpoint import resolve_checkpoint  # noqa: E402
+from .loading.checkpoint import resolve_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def _batches(env: Env, stage: int) -> list[list]:
 
 def training_figure(env: Env, stage: int) -> dict:
     from ..data.dataset import Collator
-    from ..train.tuning import apply_tuning, lora_targets
+    from ..loading.tuning import apply_tuning, lora_targets
     from .reference import Reference
 
     cfg = env.cfg

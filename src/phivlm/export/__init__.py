@@ -1,4 +1,5 @@
-"""``phivlm export``: a checkpoint -> a Hugging Face model folder that ``transformers`` loads, and back.
+"""``phivlm export``: a checkpoint -> a Hugging Face model folder that ``transformers`` loads (and
+``phivlm.loading.export`` reads back).
 
 The folder holds the model (``config.json`` + safetensors, LoRA merged), the processor (the vision tower's
 image processor, LM tokenizer with ``<image>`` and ``<image_sep>``, chat template), ``generation_config.json``
@@ -20,23 +21,17 @@ from ..config import RunConfig
 from ..data.templates import resolve_template_name
 from ..folders import atomic_folder
 from ..models import builtin
-from ..models.lm import load_tokenizer
-from ..models.vision import VisionTower
-from ..models.vlm import PhiVLM
 from ..errors import PhivlmError
-from ..train.checkpoint import Loaded, load_merged, resolve_checkpoint
+from ..hf.formats import FORMATS, Parts
+from ..loading import Loaded
+from ..loading.checkpoint import load_merged, resolve_checkpoint
+from ..loading.export import MARKER, is_export
+from ..models.vision import VisionTower
 from .card import find_metrics, model_card
-from .formats import FORMATS, Parts
 from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts, token_layout
 
 log = logging.getLogger(__name__)
-MARKER = "phivlm_export.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def is_export(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / MARKER).is_file() and (p / "config.json").is_file()
 
 
 def pick_format(name: str, parts: Parts) -> str:
@@ -124,38 +119,3 @@ def _assemble(loaded: Loaded):
     processor = build_processor(tok, tower.processor, cfg.data.template, token_layout(parts))
     check_prompts(processor, loaded.tok, cfg.data.template, tower.num_patches, tower.image_size)
     return processor, parts
-
-
-def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
-    """An exported folder as phivlm's own model (fp32, eval mode): what ``load_checkpoint`` returns."""
-    from transformers import AutoModelForImageTextToText
-
-    from ..hf import register
-
-    path = Path(path)
-    try:
-        meta = json.loads((path / MARKER).read_text())
-        cfg = RunConfig.from_dict(meta["config"], str(path / MARKER))
-        fmt = FORMATS.get(meta["format"])()
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise PhivlmError(f"{path / MARKER}: unreadable export marker ({type(e).__name__})") from None
-    register()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    lm, vision, projector_state, separator = fmt.unpack(model, meta)
-    tower = VisionTower(str(path), cfg.model.feature_layer, model=vision, image_size=cfg.model.image_size,
-                        image_tokens=cfg.model.image_tokens)
-    own = (tower.prefix, tower.pooled_side if tower.pooled_side != tower.grid else 0, tower.interpolate)
-    if fmt.selection(model) != own:
-        raise PhivlmError(f"{path}: the model reads its image features as (prefix, pooled grid, interpolation) "
-                          f"{fmt.selection(model)}, its phivlm config as {own}")
-    tower.random_weights = builtin.is_random_vision(cfg.model.vision)
-    if tower.random_weights:
-        log.warning(builtin.RANDOM_VISION_WARNING.format(name=cfg.model.vision))
-    vlm = PhiVLM(lm, tower.hidden_size, tower.num_patches, cfg.model.projector, cfg.model.projector_depth)
-    with torch.no_grad():
-        vlm.projector.load_state_dict(projector_state)
-        vlm.separator.copy_(separator)
-    device = torch.device(device)
-    tok = load_tokenizer(str(path))
-    tok.chat_template = meta.get("lm_chat_template")  # phivlm's templates insert the image themselves
-    return Loaded(vlm.float().to(device).eval(), tok, tower.to(device), cfg)

@@ -35,7 +35,7 @@ LLAVA_PROJECTOR = {
 def find_metrics(ckpt: Path, explicit: str | Path | None = None) -> tuple[Path, dict] | None:
     """``phivlm eval``'s ``metrics.json``: ``explicit``, else one in the checkpoint or run folder, or in an
     ``eval`` folder beside them whose ``checkpoint`` entry names this checkpoint."""
-    from ..train.checkpoint import resolve_checkpoint
+    from ..loading.checkpoint import resolve_checkpoint
 
     def read(path: Path) -> dict | None:
         try:

@@ -2,7 +2,8 @@
 
 ``register()`` teaches ``AutoConfig`` and ``AutoModelForImageTextToText`` the model type ``"phivlm"``, so
 ``from_pretrained`` loads such an export without ``trust_remote_code``. ``import phivlm`` arranges for it
-to run as soon as ``transformers`` is imported (see ``phivlm/__init__.py``).
+to run as soon as ``transformers`` is imported (see ``phivlm/__init__.py``). ``formats``: the ``transformers``
+layouts (Llava, phivlm's own) that ``phivlm export`` writes and ``phivlm.loading.export`` reads back.
 """
 from __future__ import annotations
 

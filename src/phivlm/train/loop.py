@@ -22,10 +22,11 @@ from ..data.templates import check_template_name, get_template, resolve_template
 from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..errors import Interrupted, PhivlmError
+from ..loading.checkpoint import build_vlm, resolve_checkpoint
 from ..runtime import autocast, pick_device, seed_everything
 from . import distributed, state
 from .distributed import Dist
-from .checkpoint import build_vlm, resolve_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .objectives import build_objective
 from .runlog import RunLog
 from .sampler import StepBatches

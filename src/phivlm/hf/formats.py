@@ -197,8 +197,8 @@ class Phivlm(ExportFormat):
     name = "phivlm"
 
     def build(self, parts):
-        from ..hf.configuration import PhivlmConfig
-        from ..hf.modeling import PhivlmForConditionalGeneration
+        from .configuration import PhivlmConfig
+        from .modeling import PhivlmForConditionalGeneration
 
         config = PhivlmConfig(vision_config=copy.deepcopy(parts.vision.config),
                               text_config=copy.deepcopy(parts.lm.config), projector=parts.projector_name,
