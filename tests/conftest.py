@@ -27,6 +27,55 @@ def synth_data(tmp_path_factory) -> dict:
     return synthesize(tmp_path_factory.mktemp("synth"), n_train=120, n_val=24, seed=0)
 
 
+def synth_features(root: Path, *sample_files: str, n_train: int = 16, n_val: int = 4) -> dict:
+    """A synthetic dataset under ``root / "synth"`` with the features of ``sample_files``' images (keys of the
+    dataset, e.g. "instruct_train") cached in fp32 in ``root / "features"``: the paths dict of ``synthesize``
+    with ``root`` and ``features`` added."""
+    from phivlm.data.features import build_features
+    from phivlm.data.sources import load_samples
+    from phivlm.data.synth import synthesize
+    from phivlm.models.vision import VisionTower
+
+    d = synthesize(root / "synth", n_train=n_train, n_val=n_val, seed=0)
+    names = [s.image for f in sample_files for s in load_samples(d[f])]
+    build_features(VisionTower("tiny-clip"), d["images"], names, root / "features", precision="fp32")
+    return {**d, "root": root, "features": root / "features"}
+
+
+@pytest.fixture(scope="session")
+def cached_synth():
+    """``cached_synth(root, *sample_files, n_train=16, n_val=4)`` -> a synthetic dataset with its features cached."""
+    return synth_features
+
+
+def untrained_checkpoint(out: Path, lm: str = "tiny-phi", *, cfg=None, seed: int | None = None, change=None) -> Path:
+    """An untrained checkpoint ``out / "checkpoint"`` of ``cfg``, by default the stage-1 defaults with tiny-clip and
+    ``lm``: a random projector and separator (after ``torch.manual_seed(seed)``; None: from the RNG as it is), the
+    feature statistics not fitted; ``change(vlm)`` may alter the weights before they are saved."""
+    from phivlm.config import stage_defaults
+    from phivlm.loading.checkpoint import build_vlm
+    from phivlm.models.vision import build_tower
+    from phivlm.train.checkpoint import save_checkpoint
+
+    if cfg is None:
+        cfg = stage_defaults("pretrain")
+        cfg.model.vision, cfg.model.lm = "tiny-clip", lm
+    tower = build_tower(cfg.model)
+    if seed is not None:
+        torch.manual_seed(seed)
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
+    if change is not None:
+        with torch.no_grad():
+            change(vlm)
+    return save_checkpoint(vlm, cfg, tok, out / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def untrained():
+    """``untrained(out, lm="tiny-phi", cfg=None, seed=None, change=None)`` -> an untrained checkpoint folder."""
+    return untrained_checkpoint
+
+
 @pytest.fixture(scope="session")
 def tiny_tower():
     from phivlm.models.vision import VisionTower

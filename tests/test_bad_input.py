@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import struct
 import subprocess
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -35,6 +33,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from helpers import start_cli
 from phivlm.cli import main
 from phivlm.config import RunConfig
 from phivlm.data.images import MAX_PIXELS, BadImage, image_path, open_rgb
@@ -303,14 +302,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, images):
+def ckpts(tmp_path_factory, images, untrained):
     """Checkpoints (untrained: only their files matter): frozen tiny-phi, LoRA tiny-phi, frozen on a 48-wide LM."""
     from transformers import PhiConfig, PhiForCausalLM
 
     from phivlm.models import builtin
-    from phivlm.models.vision import VisionTower
-    from phivlm.loading.checkpoint import build_vlm
-    from phivlm.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("ckpts")
     lm48 = root / "lm48"
@@ -318,14 +314,12 @@ def ckpts(tmp_path_factory, images):
     cfg48 = PhiConfig.from_pretrained(lm48)
     cfg48.hidden_size = 48
     PhiForCausalLM(cfg48).save_pretrained(lm48)
-    tower = VisionTower("tiny-clip")
     out = {}
     runs = (("frozen", "tiny-phi", "frozen"), ("lora", "tiny-phi", "lora"), ("lm48", str(lm48), "frozen"))
     for name, lm, mode in runs:
         cfg = RunConfig()
         cfg.model.vision, cfg.model.lm, cfg.tuning.lm_tuning, cfg.data.template = "tiny-clip", lm, mode, "plain"
-        vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
-        out[name] = save_checkpoint(vlm, cfg, tok, root / name / "checkpoint")
+        out[name] = untrained(root / name, cfg=cfg)
     data = write(root / "data.json", [rec(str(i), n) for i, n in enumerate(GOOD)])
     return {**out, "root": root, "data": data, "images": images}
 
@@ -426,8 +420,7 @@ def test_checkpoint_of_another_lm_names_both_sizes_and_leaves_outputs(capsys, ck
 # -- the real CLI in subprocesses -------------------------------------------------------------------------
 
 def phivlm(*argv, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "phivlm.cli", *map(str, argv)], cwd=cwd, env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli(*argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(p: subprocess.Popen) -> tuple[int, str]:

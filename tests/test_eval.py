@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import log_records
 from phivlm.errors import PhivlmError
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
@@ -232,7 +233,7 @@ def test_training_writes_jsonl_tensorboard_and_periodic_validation(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = trained.parent
-    recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    recs = log_records(run)
     val_steps = list(range(20, STEPS + 1, 20))
     assert [r["step"] for r in recs if "val_loss" in r] == val_steps  # every 20 steps, the last at the end
     assert [r["step"] for r in recs if "loss" in r] == list(range(10, STEPS + 1, 10))

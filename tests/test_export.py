@@ -25,11 +25,9 @@ from phivlm.hf.formats import FORMATS, LLAVA_STRATEGY, Parts
 from phivlm.export.processor import token_layout
 from phivlm.generate import GenerationConfig, generate
 from phivlm.infer import Assistant
-from phivlm.models.vision import VisionTower, build_tower, select_features
+from phivlm.models.vision import VisionTower, select_features
 from phivlm.models.vlm import IMAGE_ID, SEP_ID
 from phivlm.errors import PhivlmError
-from phivlm.loading.checkpoint import build_vlm
-from phivlm.train.checkpoint import save_checkpoint
 
 QUESTION = "What color is the shape?"
 NEW_TOKENS = 12
@@ -112,16 +110,14 @@ FRESH = textwrap.dedent("""
 """)
 
 
-def make_checkpoint(out: Path, c: SimpleNamespace) -> Path:
+def make_checkpoint(untrained, out: Path, c: SimpleNamespace) -> Path:
     """A checkpoint with random projector/separator (and LoRA or LM-head bias) weights: nothing is zero."""
     cfg = RunConfig()
     cfg.model.vision, cfg.model.lm, cfg.model.projector = c.vision, c.lm, c.projector
     cfg.model.image_size, cfg.model.image_tokens = c.image_size, c.image_tokens
     cfg.data.template, cfg.tuning.lm_tuning = c.template, c.tuning
-    tower = build_tower(cfg.model)
-    torch.manual_seed(len(out.name))
-    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
-    with torch.no_grad():
+
+    def randomize(vlm) -> None:
         for p in vlm.projector.parameters():
             p.normal_(0, 0.3)
         for name, p in vlm.lm.named_parameters():
@@ -129,7 +125,8 @@ def make_checkpoint(out: Path, c: SimpleNamespace) -> Path:
                 p.normal_(0, 0.2)
         if c.tuning == "full":
             vlm.base_lm.get_output_embeddings().bias.normal_(0, 0.5)
-    return save_checkpoint(vlm, cfg, tok, out / "checkpoint")
+
+    return untrained(out, cfg=cfg, seed=len(out.name), change=randomize)
 
 
 def reference(assistant: Assistant, image) -> dict:
@@ -157,7 +154,7 @@ def collect(proc: subprocess.Popen) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, plain_dinov2):
+def exported(tmp_path_factory, plain_dinov2, untrained):
     """Every case: checkpoint, export, phivlm's reference and the fresh-process transformers results."""
     root = tmp_path_factory.mktemp("export")
     image_path = root / "image.png"
@@ -172,7 +169,7 @@ def exported(tmp_path_factory, plain_dinov2):
         spec = case(name)
         if spec.vision == "plain-dinov2":
             spec.vision = plain_dinov2
-        ckpt = make_checkpoint(root / name, spec)
+        ckpt = make_checkpoint(untrained, root / name, spec)
         out = root / f"{name}-hf"
         if name == "phi-mlp-lora":  # through the CLI once
             assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0

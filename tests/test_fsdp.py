@@ -8,23 +8,19 @@ one-process references run in-process."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import first_logits, log_records, max_diff, run_cli, weights
 from phivlm.cli import main
 from phivlm.data.images import open_rgb
-from phivlm.data.templates import encode_prompt
 from phivlm.infer import Assistant
 from phivlm.train import state
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CASES = {  # mode: (LM, finetune flags)
     "full": ("tiny-llama", ("--lm-tuning", "full", "--gradient-checkpointing")),
     "grad-op": ("tiny-phi", ("--lm-tuning", "lora", "--lora-rank", "4", "--lora-dropout", "0")),
@@ -38,28 +34,11 @@ TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
+def data(tmp_path_factory, cached_synth, untrained) -> dict:
     """16 synthetic images with their features cached, and an (untrained) stage-1 checkpoint per LM."""
-    from phivlm.config import stage_defaults
-    from phivlm.data.features import build_features
-    from phivlm.data.sources import load_samples
-    from phivlm.data.synth import synthesize
-    from phivlm.models.vision import VisionTower
-    from phivlm.loading.checkpoint import build_vlm
-    from phivlm.train.checkpoint import save_checkpoint
-
     root = tmp_path_factory.mktemp("fsdp")
-    d = synthesize(root / "synth", n_train=16, n_val=4, seed=0)
-    tower = VisionTower("tiny-clip")
-    names = [s.image for f in (d["instruct_train"], d["instruct_val"]) for s in load_samples(f)]
-    build_features(tower, d["images"], names, root / "features", precision="fp32")
-    stage1 = {}
-    for lm in ("tiny-llama", "tiny-phi"):
-        cfg = stage_defaults("pretrain")
-        cfg.model.vision, cfg.model.lm = "tiny-clip", lm
-        vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
-        stage1[lm] = save_checkpoint(vlm, cfg, tok, root / f"stage1-{lm}" / "checkpoint")
-    return {**d, "root": root, "features": root / "features", "stage1": stage1}
+    d = cached_synth(root, "instruct_train", "instruct_val")
+    return {**d, "stage1": {lm: untrained(root / f"stage1-{lm}", lm) for lm in ("tiny-llama", "tiny-phi")}}
 
 
 def finetune_args(data: dict, mode: str, out: Path, *extra) -> list[str]:
@@ -78,30 +57,8 @@ def one_args(data: dict, mode: str, out: Path) -> list[str]:
     return finetune_args(data, mode, out, "--batch-size", "8")  # the same global batch in one process
 
 
-def run_fsdp(argv: list[str]) -> str:
-    p = subprocess.run([sys.executable, "-m", "phivlm.cli", *argv], env=ENV, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p.stderr
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Projector, separator and feature statistics; the LoRA adapter or the full LM."""
-    w = load_file(str(ckpt / "projector.safetensors"))
-    for sub, f in (("adapter", "adapter_model.safetensors"), ("lm", "model.safetensors")):
-        if (ckpt / sub / f).is_file():
-            w |= {f"{sub}.{k}": v for k, v in load_file(str(ckpt / sub / f)).items()}
-    return w
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and any(k.startswith(("adapter.", "lm.")) for k in wa)
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
-
-
 def log(out: Path, key: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r]
+    return [(r["step"], r[key]) for r in log_records(out) if key in r]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -109,18 +66,9 @@ def runs(request, data) -> dict:
     """The FSDP run (2 processes) and the one-process run of a case, each 4 steps from the stage-1 checkpoint."""
     mode = request.param
     fsdp, one = data["root"] / f"{mode}-fsdp", data["root"] / f"{mode}-one"
-    stderr = run_fsdp(fsdp_args(data, mode, fsdp))
+    stderr = run_cli(*fsdp_args(data, mode, fsdp)).stderr
     assert main(one_args(data, mode, one)) == 0
     return {"mode": mode, "fsdp": fsdp, "one": one, "stderr": stderr}
-
-
-def first_logits(ckpt: Path, image: Path, question: str) -> torch.Tensor:
-    """The next-token logits after a question about ``image``, from the checkpoint loaded for inference."""
-    a = Assistant(ckpt, "cpu")
-    ids = torch.tensor([encode_prompt(a.template, a.tok, [("user", a.first_turn(question))],
-                                      a.loaded.tower.num_patches)])
-    with torch.no_grad():
-        return a.loaded.vlm.prefill(ids, torch.ones_like(ids), a.features([open_rgb(image)]))[0]
 
 
 def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_alone(runs, data, tmp_path):
@@ -138,9 +86,9 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_alone(runs, data,
 
     # the checkpoint is an ordinary one: it answers like the one-process run's, and finetunes, in one process
     image = Path(data["images"]) / json.loads(Path(data["instruct_val"]).read_text())[0]["image"]
-    torch.testing.assert_close(first_logits(fsdp / "checkpoint", image, "What color is the circle?"),
-                               first_logits(one / "checkpoint", image, "What color is the circle?"),
-                               rtol=0, atol=1e-4)
+    logits = [first_logits(Assistant(run / "checkpoint", "cpu"), open_rgb(image), "What color is the circle?")
+              for run in (fsdp, one)]
+    torch.testing.assert_close(*logits, rtol=0, atol=1e-4)
     more = tmp_path / "more"
     assert main(["finetune", "--checkpoint", str(fsdp / "checkpoint"), *finetune_args(data, mode, more)[3:],
                  "--batch-size", "8", "--max-steps", "1"]) == 0
@@ -157,7 +105,7 @@ def test_fsdp_resumes_under_fsdp_and_in_one_process(runs, data, tmp_path, caplog
     again = tmp_path / "fsdp"  # the FSDP run, stopped after its step-2 checkpoint, resumed under FSDP
     shutil.copytree(fsdp, again)
     shutil.rmtree(again / "checkpoint")
-    stderr = run_fsdp(fsdp_args(data, mode, again))
+    stderr = run_cli(*fsdp_args(data, mode, again)).stderr
     assert f"resuming from {again / 'checkpoints' / 'step-0000002'}" in stderr and "training steps 3..4" in stderr
     assert max_diff(again / "checkpoint", fsdp / "checkpoint") == 0  # as if never stopped
 
@@ -178,7 +126,7 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(data, tmp_path):
     shutil.rmtree(fsdp / "checkpoint")
     assert isinstance(next(iter(torch.load(fsdp / "checkpoints" / "step-0000002" / state.TRAINER_FILE,
                                            weights_only=True)["optimizer"]["state"])), int)
-    stderr = run_fsdp(fsdp_args(data, "full", fsdp))
+    stderr = run_cli(*fsdp_args(data, "full", fsdp)).stderr
     assert "training steps 3..4" in stderr
     assert max_diff(fsdp / "checkpoint", one / "checkpoint") < TOL
 

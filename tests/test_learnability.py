@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from helpers import log_records
 from phivlm.evaluate.vqa import normalize_answer, vqa_accuracy
 
 
@@ -54,7 +55,7 @@ def test_training_loss_beats_a_blind_model(learned):
 
     ckpt = learned["stage2"].ckpt
     cfg = RunConfig.load(ckpt / "config.yaml")
-    log = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
+    log = log_records(ckpt.parent)
     assert log[-1]["step"] == cfg.train.max_steps == json.loads((ckpt / "state.json").read_text())["step"]
     assert cfg.tuning.lm_tuning == "full" and cfg.data.template == "chat"  # auto resolved to ChatML
     final = sum(r["loss"] for r in log[-4:]) / 4

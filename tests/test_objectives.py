@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 
 import pytest
 import torch
 
+from helpers import log_records
 from phivlm.config import RunConfig, TrainConfig, TuningConfig, add_config_args, config_from_args
 from phivlm.data.dataset import Collator
 from phivlm.data.templates import encode, encode_prompt, get_template
@@ -328,6 +328,6 @@ def test_training_loop_runs_mixed_objective_and_logs_the_rate(synth_data, tmp_pa
     cfg.train.output, cfg.train.max_steps, cfg.train.batch_size, cfg.train.log_every = str(tmp_path / "run"), 4, 4, 1
     cfg.train.objective, cfg.train.tf_schedule, cfg.train.tf_decay_steps = "mixed", "linear", 4
     train(cfg)
-    recs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    recs = log_records(tmp_path / "run")
     train_recs = [r for r in recs if "loss" in r]
     assert [r["tf_rate"] for r in train_recs] == pytest.approx([1.0, 0.875, 0.75, 0.625])

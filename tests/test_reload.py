@@ -8,30 +8,19 @@ in-memory model of the training run and from an in-process ``Assistant``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import first_logits, run_cli
 from phivlm.config import RunConfig
 from phivlm.data.synth import COLORS
-from phivlm.data.templates import encode_prompt
 from phivlm.generate import GenerationConfig
 from phivlm.infer import Assistant, caption, load_image
 from phivlm.evaluate.run import read_task
 
 GEN = GenerationConfig(max_new_tokens=8)
-
-
-def _cli(*args: str, stdin: str | None = None) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # PHIVLM_CACHE (built-in models) is inherited
-    proc = subprocess.run([sys.executable, "-m", "phivlm.cli", *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def _in_memory(run) -> Assistant:
@@ -65,8 +54,8 @@ def test_generate_in_fresh_process(learned, lora_run, questions, tmp_path, which
     images = learned["data"]["images"]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    _cli("generate", "--checkpoint", str(run.ckpt), "--input", str(src), "--output", str(out), "--images", images,
-         "--device", "cpu", "--batch-size", str(len(questions)), "--max-new-tokens", str(GEN.max_new_tokens))
+    run_cli("generate", "--checkpoint", str(run.ckpt), "--input", str(src), "--output", str(out), "--images", images,
+            "--device", "cpu", "--batch-size", str(len(questions)), "--max-new-tokens", str(GEN.max_new_tokens))
     fresh = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: r[k] for k in ("image", "prompt")} for r in fresh] == questions
     fresh_answers = [r["answer"] for r in fresh]
@@ -82,18 +71,11 @@ def test_generate_in_fresh_process(learned, lora_run, questions, tmp_path, which
 def test_lora_checkpoint_restores_adapter_and_base(learned, lora_run, questions):
     """Reloaded LoRA-on-full model = the in-memory one, and measurably not its full-tuned base alone."""
     image = load_image(Path(learned["data"]["images"]) / questions[0]["image"])
-    logits = {name: _first_logits(a, image, questions[0]["prompt"]) for name, a in (
+    logits = {name: first_logits(a, image, questions[0]["prompt"]) for name, a in (
         ("memory", _in_memory(lora_run)), ("reloaded", Assistant(lora_run.ckpt, "cpu")),
         ("base", Assistant(learned["stage2"].ckpt, "cpu")))}
     torch.testing.assert_close(logits["reloaded"], logits["memory"], rtol=0, atol=1e-5)
     assert (logits["reloaded"] - logits["base"]).abs().max() > 1e-3
-
-
-def _first_logits(a: Assistant, image, question: str) -> torch.Tensor:
-    turns = [("user", a.first_turn(question))]
-    ids = torch.tensor([encode_prompt(a.template, a.tok, turns, a.loaded.tower.num_patches)])
-    with torch.no_grad():
-        return a.loaded.vlm.prefill(ids, torch.ones_like(ids), a.features([image]))[0]
 
 
 def test_chat_in_fresh_process(learned):
@@ -101,8 +83,8 @@ def test_chat_in_fresh_process(learned):
     first = read_task(learned["data"]["qa_val"])[1][0]
     image = Path(learned["data"]["images"]) / first.image
     q1, q2 = "What color is the circle?", "What color is the square?"
-    out = _cli("chat", "--checkpoint", str(run.ckpt), "--image", str(image), "--device", "cpu",
-               "--max-new-tokens", str(GEN.max_new_tokens), stdin=f"{q1}\n{q2}\n\n")
+    out = run_cli("chat", "--checkpoint", str(run.ckpt), "--image", str(image), "--device", "cpu",
+                  "--max-new-tokens", str(GEN.max_new_tokens), stdin=f"{q1}\n{q2}\n\n").stdout
     said = [line.split("model> ", 1)[1] for line in out.splitlines() if "model> " in line]
 
     a = _in_memory(run)
@@ -118,8 +100,8 @@ def test_caption_stage1_checkpoint(learned):
     run = learned["stage1"]
     names = sorted({it.image for it in read_task(learned["data"]["qa_val"])[1]})[:2]
     images = [str(Path(learned["data"]["images"]) / n) for n in names]
-    out = _cli("caption", "--checkpoint", str(run.ckpt), "--image", *images, "--device", "cpu",
-               "--max-new-tokens", "12")
+    out = run_cli("caption", "--checkpoint", str(run.ckpt), "--image", *images, "--device", "cpu",
+                  "--max-new-tokens", "12").stdout
     lines = out.splitlines()
     expected = caption(_in_memory(run), images, GenerationConfig(max_new_tokens=12))
     assert lines == [f"{p}: {t}" for p, t in zip(images, expected)]

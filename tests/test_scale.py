@@ -6,12 +6,10 @@ Runs that must die are real processes (the CLI in a subprocess, through a wrappe
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,15 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import log_records, max_diff, run_cli, start_cli, weights
 from phivlm.cli import build_parser, main
 from phivlm.config import config_from_args, stage_defaults
 from phivlm.errors import PhivlmError
 from phivlm.train import loop, state
 from phivlm.train.sampler import StepBatches
-
-# Tiny matrices on a busy 2-core machine: one thread per process is many times faster (and the same in
-# every process, which bitwise comparisons between processes need).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # Run by a subprocess: the CLI, SIGKILLed right after the step-N checkpoint ("after-checkpoint") or
 # half-way through writing it ("while-writing"). argv: mode N cli-args...
@@ -66,27 +61,13 @@ sys.exit(main(argv))
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
+def data(tmp_path_factory, cached_synth, untrained) -> dict:
     """16 synthetic images with their features cached, and an (untrained) stage-1 checkpoint."""
-    from phivlm.data.features import build_features
-    from phivlm.data.sources import load_samples
-    from phivlm.data.synth import synthesize
-    from phivlm.models.vision import VisionTower
-    from phivlm.loading.checkpoint import build_vlm
-    from phivlm.train.checkpoint import save_checkpoint
-
     root = tmp_path_factory.mktemp("scale")
-    d = synthesize(root / "synth", n_train=16, n_val=4, seed=0)
-    tower = VisionTower("tiny-clip")
-    names = [s.image for f in (d["captions_train"], d["instruct_train"]) for s in load_samples(f)]
-    build_features(tower, d["images"], names, root / "features", precision="fp32")
-    cfg = stage_defaults("pretrain")
-    cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-phi"
-    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, torch.device("cpu"))
-    stage1 = save_checkpoint(vlm, cfg, tok, root / "stage1" / "checkpoint")
+    d = cached_synth(root, "captions_train", "instruct_train")
     wrapper = root / "kill_wrapper.py"
     wrapper.write_text(WRAPPER)
-    return {**d, "root": root, "features": root / "features", "stage1": stage1, "wrapper": wrapper}
+    return {**d, "stage1": untrained(root / "stage1"), "wrapper": wrapper}
 
 
 def finetune_args(data: dict, out: Path, *extra) -> list[str]:
@@ -107,17 +88,7 @@ def run(argv: list[str]) -> None:
 
 
 def kill_run(data: dict, mode: str, step: int, argv: list[str]) -> None:
-    p = subprocess.run([sys.executable, str(data["wrapper"]), mode, str(step), *argv], env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Projector + separator, and the LoRA adapter if any."""
-    w = load_file(str(ckpt / "projector.safetensors"))
-    if (ckpt / "adapter").is_dir():
-        w |= {f"adapter.{k}": v for k, v in load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).items()}
-    return w
+    run_cli(mode, step, *argv, program=(data["wrapper"],), returncode=-signal.SIGKILL)
 
 
 def assert_bitwise_equal(a: Path, b: Path) -> None:
@@ -127,18 +98,12 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), f"{k}: max diff {(wa[k] - wb[k]).abs().max().item():.3g}"
 
 
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
-
-
 def steps_on_disk(out: Path) -> list[str]:
     return [p.name for p in state.step_dirs(out)]
 
 
 def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in log_records(out) if "loss" in r]
 
 
 # -- one big batch, however it is split ----------------------------------------------------------------------
@@ -156,10 +121,7 @@ def assert_moved(ckpt: Path, stage1: Path) -> None:
 
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data, tmp_path):
-    ddp = subprocess.run([sys.executable, "-m", "phivlm.cli", *finetune_args(
-        data, tmp_path / "ddp", "--nproc", "2", "--batch-size", "4", *SPLIT)], env=ENV, capture_output=True,
-        text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp = run_cli(*finetune_args(data, tmp_path / "ddp", "--nproc", "2", "--batch-size", "4", *SPLIT))
     assert "global batch 8 (4 x 2 procs x 1 accum)" in ddp.stderr
     run(finetune_args(data, tmp_path / "one", "--batch-size", "8", *SPLIT))
     assert_moved(tmp_path / "one" / "checkpoint", data["stage1"])
@@ -177,9 +139,7 @@ def test_ddp_ranks_encode_their_share_of_an_empty_cache(data, tmp_path):
     feats = tmp_path / "features"
     argv = finetune_args(data, tmp_path / "ddp", "--nproc", "2", "--batch-size", "4", "--max-steps", "1")
     argv[argv.index("--features") + 1] = str(feats)
-    ddp = subprocess.run([sys.executable, "-m", "phivlm.cli", *argv], env=ENV, capture_output=True, text=True,
-                         timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_cli(*argv)
     (folder,) = feats.iterdir()
     writers = {p.stem.split("-")[1] for p in folder.glob("shard_*.json")}
     assert len(writers) == 2  # two processes wrote shards
@@ -267,8 +227,7 @@ def test_sigint_saves_a_resumable_checkpoint_and_exits_130(data, straight, tmp_p
     out = tmp_path / "run"
     argv = finetune_args(data, out, *RESUMABLE)
     with open(tmp_path / "stderr", "w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "phivlm.cli", *argv], env=ENV, stderr=err,
-                             stdout=subprocess.DEVNULL)
+        p = start_cli(*argv, stderr=err, stdout=subprocess.DEVNULL)
         deadline = time.time() + 240
         while not (out / "checkpoints" / "step-0000020").is_dir() and p.poll() is None and time.time() < deadline:
             time.sleep(0.05)

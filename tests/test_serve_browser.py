@@ -6,13 +6,14 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import start_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -135,9 +136,8 @@ def server(request, tmp_path):
     tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")  # trained only once the test can run
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
-    cmd = [sys.executable, "-m", "phivlm.cli", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
-           "--temperature", "1.0", "--max-new-tokens", "24", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_cli("serve", "--checkpoint", tiny_checkpoint, "--port", port, "--temperature", "1.0",
+                     "--max-new-tokens", "24", "--device", "cpu", stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 90

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from helpers import log_records
 from phivlm.config import RunConfig
 from phivlm.train.distributed import Dist
 from phivlm.train.runlog import RunLog
@@ -63,7 +64,7 @@ def test_the_run_log_is_written_by_rank_0_alone(tmp_path, caplog):
         _drop_run_handler()
     out = tmp_path / "main"
     assert RunConfig.load(out / "config.yaml") == cfg
-    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == [
+    assert log_records(out) == [
         {"step": 1, "loss": 2.0, "elapsed_s": 0.1}]
     assert "hello log" in (out / "train.log").read_text()
     assert json.loads((out / "skipped.jsonl").read_text()) == {"file": "a", "record": 0, "reason": "bad"}
