@@ -473,6 +473,7 @@ def test_skip_bad_lists_every_bad_sample_and_trains_every_good_one(skip_run):
     assert (skip_run["out"] / "checkpoint" / "projector.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_single_faults_exit_nonzero_with_one_line_and_leave_outputs(skip_run, tmp_path):
     out, images = skip_run["out"], skip_run["images"]
     kept = {name: snapshot(out / name) if (out / name).is_dir() else (out / name).read_bytes()

@@ -108,6 +108,7 @@ def reference_scores(refs: dict, preds: dict) -> dict[str, float]:
 
 
 @needs_java
+@pytest.mark.slow
 def test_caption_metrics_equal_pycocoevalcap():
     from phivlm.evaluate.caption_metrics import METRICS, caption_metrics
 
@@ -299,6 +300,7 @@ def test_baseline_predictions_are_the_model_on_replaced_features(trained, eval_r
     assert len(checked) >= 4 and differ
 
 
+@pytest.mark.slow
 def test_trained_model_far_above_baselines(learned_eval):
     """The learnability recipe's checkpoint (conftest ``learned``: colour-only stage 2, 300 steps), scored by
     ``phivlm eval`` on the held-out colour questions: far above both of its baselines in the same eval run."""

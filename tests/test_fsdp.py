@@ -71,6 +71,7 @@ def runs(request, data) -> dict:
     return {"mode": mode, "fsdp": fsdp, "one": one, "stderr": stderr}
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_alone(runs, data, tmp_path):
     mode, fsdp, one = runs["mode"], runs["fsdp"], runs["one"]
     assert f"FSDP {mode}: 2 decoder layers and the root sharded over 2 processes" in runs["stderr"]
@@ -95,6 +96,7 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_alone(runs, data,
     assert json.loads((more / "checkpoint" / "state.json").read_text())["step"] == 1
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_under_fsdp_and_in_one_process(runs, data, tmp_path, caplog):
     mode, fsdp, one = runs["mode"], runs["fsdp"], runs["one"]
     step2 = fsdp / "checkpoints" / "step-0000002"
@@ -118,6 +120,7 @@ def test_fsdp_resumes_under_fsdp_and_in_one_process(runs, data, tmp_path, caplog
     assert max_diff(alone / "checkpoint", one / "checkpoint") < TOL
 
 
+@pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_under_fsdp(data, tmp_path):
     """An optimizer state saved by position (one process or DDP) is matched to the sharded parameters by name."""
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import log_records
 from phivlm.evaluate.vqa import normalize_answer, vqa_accuracy
+
+pytestmark = pytest.mark.slow  # the ``learned`` fixture: a 310-step training and an eval, ~30 s
 
 
 def test_colour_answers_come_from_the_image(learned, learned_eval):

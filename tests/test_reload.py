@@ -20,6 +20,7 @@ from phivlm.generate import GenerationConfig
 from phivlm.infer import Assistant, caption, load_image
 from phivlm.evaluate.run import read_task
 
+pytestmark = pytest.mark.slow  # the ``learned`` fixture (a 310-step training, ~30 s); CLI runs of 6-8 s each
 GEN = GenerationConfig(max_new_tokens=8)
 
 

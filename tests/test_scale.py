@@ -120,6 +120,7 @@ def assert_moved(ckpt: Path, stage1: Path) -> None:
     assert min(v.abs().max().item() for k, v in w.items() if "lora_B" in k) > 5e-4  # LoRA B starts at zero
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data, tmp_path):
     ddp = run_cli(*finetune_args(data, tmp_path / "ddp", "--nproc", "2", "--batch-size", "4", *SPLIT))
     assert "global batch 8 (4 x 2 procs x 1 accum)" in ddp.stderr
@@ -130,6 +131,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data, tmp_p
     assert len(losses(tmp_path / "ddp")) == 3
 
 
+@pytest.mark.slow
 def test_ddp_ranks_encode_their_share_of_an_empty_cache(data, tmp_path):
     """No rank waits on another's encoding: each writes its own shards; together they hold every image."""
     from phivlm.data.features import FeatureStore
@@ -179,6 +181,7 @@ def killed_at_60(data) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(data, straight, killed_at_60, tmp_path, caplog):
     out = tmp_path / "run"
     shutil.copytree(killed_at_60, out)
@@ -192,6 +195,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data, straight, killed_at_60, tmp
     assert_bitwise_equal(out / "checkpoint", straight / "checkpoint")
 
 
+@pytest.mark.slow
 def test_auto_resume_refuses_another_run(data, killed_at_60, tmp_path, capsys):
     """A new run in a folder holding another run's checkpoints (fewer steps, other data) is refused in one line
     naming what differs, instead of continuing the old run (or saving its weights under the new config)."""
@@ -208,6 +212,7 @@ def test_auto_resume_refuses_another_run(data, killed_at_60, tmp_path, capsys):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
 
 
+@pytest.mark.slow
 def test_kill_while_writing_a_checkpoint_leaves_the_last_complete_one(data, straight, killed_at_60, tmp_path,
                                                                      caplog):
     out = tmp_path / "run"
@@ -223,6 +228,7 @@ def test_kill_while_writing_a_checkpoint_leaves_the_last_complete_one(data, stra
     assert not [p for p in (out / "checkpoints").iterdir() if not state.STEP_DIR.match(p.name)]  # cleaned up
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint_and_exits_130(data, straight, tmp_path, caplog):
     out = tmp_path / "run"
     argv = finetune_args(data, out, *RESUMABLE)
