@@ -104,11 +104,11 @@ class Env:
 
 
 def make_vlm(env: Env):
-    from ..models.lm import load_lm
+    from ..models.lm import attention_for, load_lm
     from ..models.vlm import PhiVLM
 
     torch.manual_seed(env.cfg.seed)
-    lm = load_lm(env.cfg.lm).requires_grad_(False)
+    lm = load_lm(env.cfg.lm, attention=attention_for(torch.device("cpu"))).requires_grad_(False)
     vlm = PhiVLM(lm, env.tower.hidden_size, env.tower.num_patches, projector="mlp2x_gelu")
     vlm.feature_norm.fit(env.store.get(env.image_names))  # as training does: statistics of the training images
     return vlm

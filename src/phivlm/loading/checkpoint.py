@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ..config import RunConfig
 from ..errors import PhivlmError
 from ..folders import recover
-from ..models.lm import load_lm, load_tokenizer
+from ..models.lm import attention_for, load_lm, load_tokenizer
 from ..models.vision import build_tower
 from ..models.vlm import PhiVLM
 from . import Loaded
@@ -50,14 +50,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def build_vlm(cfg: RunConfig, d_vision: int, n_patches: int, device: torch.device,
-              init: Path | None = None, trainable: bool = True, quantize: bool = True):
-    """The model described by ``cfg``; weights from checkpoint ``init`` where it has them."""
+              init: Path | None = None, trainable: bool = True, quantize: bool = True,
+              computes_on: torch.device | None = None):
+    """The model described by ``cfg``, built on ``device``; weights from checkpoint ``init`` where it has them. The
+    LM's attention kernel is the one for ``computes_on`` (default: ``device``)."""
     cfg.validate()  # also a checkpoint's config, read from its folder
     lm_source = str(init / "lm") if init is not None and (init / "lm").is_dir() else cfg.model.lm
     tok = load_tokenizer(lm_source, cfg.model.trust_remote_code)
     qcfg = quantization_config(cfg.tuning) if quantize else None
     lm = load_lm(lm_source, trust_remote_code=cfg.model.trust_remote_code, quantization_config=qcfg,
-                 device_map={"": device} if qcfg is not None else None)
+                 device_map={"": device} if qcfg is not None else None,
+                 attention=attention_for(computes_on or device))
     adapter = init / "adapter" if init is not None and (init / "adapter").is_dir() else None
     if adapter is not None and cfg.tuning.lm_tuning not in ("lora", "qlora"):
         raise PhivlmError(f"{init}: holds a LoRA adapter but --lm-tuning is {cfg.tuning.lm_tuning!r}")

@@ -169,7 +169,7 @@ def _model_and_data(cfg: RunConfig, init: Path | None, build_on: torch.device, d
     model comes from checkpoint ``init`` where given, built on ``build_on``. Resolves the run's template, and
     after full tuning its base LM, in ``cfg``."""
     tower = build_tower(cfg.model)
-    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, build_on, init)
+    vlm, tok = build_vlm(cfg, tower.hidden_size, tower.num_patches, build_on, init, computes_on=device)
     cfg.data.template = resolve_template_name(cfg.data.template, tok)
     template = get_template(cfg.data.template)
     if init is not None and (init / "lm").is_dir():
