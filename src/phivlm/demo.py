@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, stage_defaults
 from .data.synth import synthesize
 from .evaluate.run import MAX_NEW_TOKENS, evaluate
 from .models.lm import load_tokenizer
@@ -54,7 +54,7 @@ class Preset:
 PRESETS = {
     # 126 px = 9x9 DINOv2 patches, pooled to 3x3 tokens; layer 7 of 12 (a linear probe of one such token reads
     # an object's shape 100% and colour 98.5% right, the last layer's 92% colour)
-    "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=110, s1_lr=5e-3, s2_steps=150,
+    "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=130, s1_lr=5e-3, s2_steps=220,
                       s2_lr=1e-3, lm_tuning="lora", ref_s=790),
     "long": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 4000, s1_steps=300, s1_lr=5e-3, s2_steps=450,
                    s2_lr=1e-3, lm_tuning="lora", ref_s=2200),
@@ -65,10 +65,10 @@ PRESETS = {
 
 def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunConfig]:
     p = PRESETS[preset]
-    s1 = RunConfig()
+    s1 = stage_defaults("pretrain")
     s1.model.vision, s1.model.lm, s1.model.feature_layer = p.vision, p.lm, p.feature_layer
     s1.model.image_size, s1.model.image_tokens = p.image_size, p.image_tokens
-    s1.data.data, s1.data.images, s1.data.template = data["captions_train"], data["images"], "plain"
+    s1.data.data, s1.data.images = data["captions_train"], data["images"]
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch
     s1.train.lr = p.s1_lr
