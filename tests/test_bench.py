@@ -66,8 +66,8 @@ def test_contenders_compute_the_same_function(quick):
 
 
 def test_flop_count_matches_torch_flop_counter(quick):
-    """Linear + convolution FLOPs from the hooks equal FlopCounterMode's count (which on CPU leaves out the
-    attention kernel, as the hooks' dense count does)."""
+    """The hooks' FLOPs equal FlopCounterMode's count of the same calls: Linear, convolution, and eager attention
+    (phivlm's on the CPU); the reference's SDPA kernel is left out by both."""
     for fig in ("stage1", "stage2"):
         for who in ("phivlm", "reference"):
             c = quick[fig][who]["flop_check"]

@@ -32,6 +32,13 @@ def add_trust_flag(s: argparse.ArgumentParser) -> None:
                    help="allow a checkpoint that asks for trust_remote_code to run its LM's own Python code")
 
 
+def answers(s: argparse.ArgumentParser, func) -> None:
+    """The flags every command that generates answers shares, and its function."""
+    add_generation_args(s)
+    add_trust_flag(s)
+    s.set_defaults(func=func)
+
+
 def add_checkpoint(s: argparse.ArgumentParser, what: str = "checkpoint: a run folder or its checkpoint folder"
                    ) -> None:
     s.add_argument("--checkpoint", required=True, help=what)
@@ -78,16 +85,12 @@ def add_inference_commands(sub) -> None:
     s = command(sub, "caption", "caption images with a checkpoint")
     add_checkpoint(s)
     s.add_argument("--image", nargs="+", required=True, help="image file(s) to caption")
-    add_generation_args(s)
-    add_trust_flag(s)
-    s.set_defaults(func=c.cmd_caption)
+    answers(s, c.cmd_caption)
 
     s = command(sub, "chat", "interactive multi-turn chat about an image in the terminal")
     add_checkpoint(s)
     s.add_argument("--image", required=True, help="the image the conversation is about")
-    add_generation_args(s)
-    add_trust_flag(s)
-    s.set_defaults(func=c.cmd_chat)
+    answers(s, c.cmd_chat)
 
     s = command(sub, "generate", "batch answers for a JSONL of {image, prompt} rows")
     add_checkpoint(s)
@@ -95,9 +98,7 @@ def add_inference_commands(sub) -> None:
     s.add_argument("--output", required=True, help="JSONL file written: each input row with its \"answer\"")
     s.add_argument("--images", default="", help="folder the 'image' paths are relative to")
     s.add_argument("--batch-size", type=int, default=8, help="prompts answered at once (default: 8)")
-    add_generation_args(s)
-    add_trust_flag(s)
-    s.set_defaults(func=c.cmd_generate)
+    answers(s, c.cmd_generate)
 
     s = command(sub, "export", "write a checkpoint as a Hugging Face model folder (LoRA merged)")
     add_checkpoint(s)
@@ -116,9 +117,7 @@ def add_inference_commands(sub) -> None:
     s.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     s.add_argument("--concurrency", type=int, default=1, help="requests answered at once; the rest queue")
-    add_generation_args(s)
-    add_trust_flag(s)
-    s.set_defaults(func=c.cmd_serve)
+    answers(s, c.cmd_serve)
 
     s = command(sub, "eval", "score a checkpoint on held-out Q&A and/or captions, with grounding baselines")
     add_checkpoint(s)

@@ -55,7 +55,7 @@ PRESETS = {
     # 126 px = 9x9 DINOv2 patches, pooled to 3x3 tokens; layer 7 of 12 (a linear probe of one such token reads
     # an object's shape 100% and colour 98.5% right, the last layer's 92% colour)
     "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=130, s1_lr=5e-3, s2_steps=220,
-                      s2_lr=1e-3, lm_tuning="lora", ref_s=790),
+                      s2_lr=1e-3, lm_tuning="lora", ref_s=880),
     "long": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 4000, s1_steps=300, s1_lr=5e-3, s2_steps=450,
                    s2_lr=1e-3, lm_tuning="lora", ref_s=2200),
     "tiny": Preset("tiny-clip", "tiny-llama", 0, 0, -2, 300, s1_steps=40, s1_lr=1e-3, s2_steps=120, s2_lr=3e-3,

@@ -118,7 +118,9 @@ class MatmulFlops:
     def __init__(self, *modules: nn.Module):
         self.modules = modules
         self.forward = self.backward = 0
-        self.dense = 0  # forward + backward of Linear and Conv calls alone (comparable with FlopCounterMode on CPU)
+        # forward + backward of what FlopCounterMode sees on CPU: Linear and Conv calls, and attention where it runs
+        # as plain matmuls (eager; it does not see the SDPA kernel)
+        self.dense = 0
         self._handles: list = []
 
     def _dense(self, mod: nn.Module, args, out):
@@ -139,9 +141,11 @@ class MatmulFlops:
         h = kwargs.get("hidden_states", args[0] if args else None)
         bsz, t = h.shape[0], h.shape[1]
         f = 4 * bsz * t * t * _out_features(mod.q_proj)
+        b = 2 * f if torch.is_grad_enabled() and h.requires_grad else 0
         self.forward += f
-        if torch.is_grad_enabled() and h.requires_grad:
-            self.backward += 2 * f
+        self.backward += b
+        if getattr(getattr(mod, "config", None), "_attn_implementation", None) == "eager":
+            self.dense += f + b
 
     def __enter__(self):
         seen: set[int] = set()
@@ -167,8 +171,8 @@ class MatmulFlops:
 
 
 def count_flops(fn: Callable[[], object], *modules: nn.Module) -> tuple[MatmulFlops, float, object]:
-    """Run ``fn`` once with the hook count and torch's FlopCounterMode (which counts mm/addmm/bmm but not
-    the CPU attention kernel): returns (count, FlopCounterMode total, fn's result)."""
+    """Run ``fn`` once with the hook count and torch's FlopCounterMode (which counts mm/addmm/bmm, eager attention's
+    included, but not the SDPA kernel): returns (count, FlopCounterMode total, fn's result)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with MatmulFlops(*modules) as count, FlopCounterMode(display=False) as fc:
