@@ -6,6 +6,7 @@ import copy
 import torch
 
 from phivlm.generate import GenerationConfig, generate
+from phivlm.infer import Assistant
 from phivlm.runtime import autocast
 from phivlm.loading.checkpoint import load_checkpoint
 
@@ -54,3 +55,15 @@ def test_last_position_logits_equal_the_full_forward(tiny_checkpoint):
         logits, _ = vlm.prefill(ids, mask, feats)
         full = vlm.base_lm(inputs_embeds=vlm.embed(ids, feats), attention_mask=mask).logits[:, -1].float()
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
+def test_assistant_holds_lm_weights_in_its_compute_dtype(tiny_checkpoint):
+    """Every inference command goes through Assistant: bf16 holds the LM's Linear weights in bf16 (the embeddings
+    stay fp32), fp32 leaves them as loaded."""
+    def linear_dtypes(a: Assistant) -> set:
+        return {m.weight.dtype for m in a.loaded.vlm.base_lm.modules() if isinstance(m, torch.nn.Linear)}
+
+    bf16 = Assistant(tiny_checkpoint, device="cpu", precision="bf16")
+    assert linear_dtypes(bf16) == {torch.bfloat16}
+    assert bf16.loaded.vlm.base_lm.get_input_embeddings().weight.dtype == torch.float32
+    assert linear_dtypes(Assistant(tiny_checkpoint, device="cpu", precision="fp32")) == {torch.float32}

@@ -249,3 +249,18 @@ def test_training_fits_feature_norm_once_and_checkpoint_keeps_it(synth_data, tmp
     cfg2.data.template, cfg2.data.limit = "auto", 8  # other images: the stage-1 statistics must stay
     again = load_checkpoint(train(cfg2, init=ckpt)).vlm
     assert torch.equal(again.feature_norm.mean, mean) and torch.equal(again.feature_norm.std, std)
+
+
+def test_lm_attention_kernel_follows_the_compute_device():
+    """Eager attention where the model computes on the CPU (faster training there), SDPA where it computes on a GPU,
+    also when it is built on the CPU first (FSDP)."""
+    from phivlm.config import stage_defaults
+    from phivlm.loading.checkpoint import build_vlm
+
+    cfg = stage_defaults("pretrain")
+    cfg.model.vision, cfg.model.lm = "tiny-clip", "tiny-llama"
+    cpu = torch.device("cpu")
+    vlm, _ = build_vlm(cfg, 32, 4, cpu)
+    assert vlm.base_lm.config._attn_implementation == "eager"
+    vlm, _ = build_vlm(cfg, 32, 4, cpu, computes_on=torch.device("cuda"))
+    assert vlm.base_lm.config._attn_implementation == "sdpa"

@@ -11,7 +11,7 @@ from .data.images import open_rgb
 from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template
 from .generate import GenerationConfig, generate
 from .errors import PhivlmError
-from .runtime import autocast, pick_device, resolve_precision
+from .runtime import autocast, compute_dtype, pick_device
 from .loading import Loaded
 from .loading.checkpoint import load_checkpoint
 
@@ -32,9 +32,9 @@ class Assistant:
         self.loaded: Loaded = load_checkpoint(checkpoint, self.device, trust_remote_code=trust_remote_code)
         self.cfg = self.loaded.cfg
         self.precision = precision or self.cfg.train.precision  # "auto" (the default) lets the host decide
-        compute = resolve_precision(self.precision, self.device.type)
-        if compute != "fp32":
-            self.loaded.vlm.hold_weights_in(torch.bfloat16 if compute == "bf16" else torch.float16)
+        dtype = compute_dtype(self.device, self.precision)
+        if dtype is not None:
+            self.loaded.vlm.hold_weights_in(dtype)
         self.template = get_template(self.cfg.data.template)
         tok = self.loaded.tok
         self.eos_ids = {tok.eos_token_id}

@@ -78,13 +78,17 @@ def resolve_precision(precision: str, device_type: str = "cpu") -> str:
     return chosen
 
 
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype matmuls run in for ``precision`` on ``device`` (``auto`` as ``resolve_precision`` decides);
+    None for fp32 (no autocast)."""
+    precision = resolve_precision(precision, torch.device(device).type)
+    return None if precision == "fp32" else torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU or GPU, fp16 only on GPU; ``auto`` as ``resolve_precision`` decides."""
-    precision = resolve_precision(precision, torch.device(device).type)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    dtype = compute_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import resolve_precision
+from ..runtime import compute_dtype
 from . import measure
 from .measure import interleave, memory, paired_ratio
 from .profiling import profile_calls
@@ -72,8 +72,9 @@ def generation_figure(env: Env) -> dict:
     vlm = make_vlm(env).eval()
     ref = Reference(env.clip, vlm, env.feature_layer)
     ref.model.eval()
-    if resolve_precision("auto") == "bf16":  # what Assistant (chat, serve, eval, generate) does
-        vlm.hold_weights_in(torch.bfloat16)
+    dtype = compute_dtype(torch.device("cpu"), "auto")
+    if dtype is not None:  # what Assistant (chat, serve, eval, generate) does
+        vlm.hold_weights_in(dtype)
     template = get_template(resolve_template_name("auto", env.tok))
     ids = torch.tensor([encode_prompt(template, env.tok, [("user", PROMPT)], env.tower.num_patches)])
     mask = torch.ones_like(ids)
