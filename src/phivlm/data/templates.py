@@ -130,7 +130,32 @@ class Encoded:
     turns_kept: int  # user/assistant pairs kept after truncation
 
 
-def tokenize_segments(segments: list[Segment], tok, num_image_tokens: int) -> tuple[list[int], list[int]]:
+# what comes before each tile's image tokens (``--image-tiles``): its row and column, counted from 1 at the
+# top left. Plain text, so the LM reads it as words and an answer can copy it; short (5 SmolLM2 tokens)
+TILE_MARKER = " r{row}c{col}:"
+
+
+def image_slots(tok, n_tokens: int, tiles: int = 1) -> list[int]:
+    """The ids one ``<image>`` becomes: ``n_tokens`` image slots (``IMAGE_ID``) and the separator (``SEP_ID``);
+    with ``tiles`` > 1, each of the tiles x tiles tiles' share of the slots after its ``TILE_MARKER``."""
+    if tiles <= 1:
+        return [IMAGE_ID] * n_tokens + [SEP_ID]
+    per_tile = n_tokens // tiles ** 2
+    ids: list[int] = []
+    for i in range(tiles ** 2):
+        row, col = divmod(i, tiles)
+        ids += tok(TILE_MARKER.format(row=row + 1, col=col + 1), add_special_tokens=False)["input_ids"]
+        ids += [IMAGE_ID] * per_tile
+    return ids + [SEP_ID]
+
+
+def _slots(tok, image: int | list[int]) -> list[int]:
+    return image_slots(tok, image) if isinstance(image, int) else image
+
+
+def tokenize_segments(segments: list[Segment], tok, image: int | list[int]) -> tuple[list[int], list[int]]:
+    """``image``: the ids ``<image>`` becomes (``image_slots``), or just the number of image tokens."""
+    slots = _slots(tok, image)
     ids: list[int] = []
     labels: list[int] = []
     n_images = 0
@@ -140,7 +165,7 @@ def tokenize_segments(segments: list[Segment], tok, num_image_tokens: int) -> tu
             piece: list[int] = []
             for j, part in enumerate(parts):
                 if j:
-                    piece += [IMAGE_ID] * num_image_tokens + [SEP_ID]
+                    piece += slots
                     n_images += 1
                 if part:
                     piece += tok(part, add_special_tokens=False)["input_ids"]
@@ -153,15 +178,16 @@ def tokenize_segments(segments: list[Segment], tok, num_image_tokens: int) -> tu
     return ids, labels
 
 
-def encode(template: Template, tok, turns: Turns, num_image_tokens: int, max_length: int = 0) -> Encoded:
+def encode(template: Template, tok, turns: Turns, image: int | list[int], max_length: int = 0) -> Encoded:
     """Tokenize a training conversation; too long -> drop whole later turns (the image is never cut).
 
-    ``max_length`` counts text tokens: the image slots and separator come on top of it.
+    ``max_length`` counts text tokens: what the image becomes (slots, tile markers, separator) comes on top of it.
     """
+    slots = _slots(tok, image)
     n_pairs = len(turns) // 2
-    limit = max_length + num_image_tokens + 1 if max_length else 0
+    limit = max_length + len(slots) if max_length else 0
     for keep in range(n_pairs, 0, -1):
-        ids, labels = tokenize_segments(template.segments(turns[: 2 * keep], tok, False), tok, num_image_tokens)
+        ids, labels = tokenize_segments(template.segments(turns[: 2 * keep], tok, False), tok, slots)
         if not limit or len(ids) <= limit or keep == 1:
             break
     if limit and len(ids) > limit:  # one turn alone is too long: cut its answer's tail
@@ -172,9 +198,9 @@ def encode(template: Template, tok, turns: Turns, num_image_tokens: int, max_len
     return Encoded(ids, labels, keep)
 
 
-def encode_prompt(template: Template, tok, turns: Turns, num_image_tokens: int) -> list[int]:
+def encode_prompt(template: Template, tok, turns: Turns, image: int | list[int]) -> list[int]:
     """Token ids of a prompt ending with a user turn, ready for generation."""
-    ids, _ = tokenize_segments(template.segments(turns, tok, True), tok, num_image_tokens)
+    ids, _ = tokenize_segments(template.segments(turns, tok, True), tok, image)
     return ids
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..config import RunConfig
-from ..data.templates import resolve_template_name
+from ..data.templates import image_slots, resolve_template_name
 from ..folders import atomic_folder
 from ..models import builtin
 from ..errors import PhivlmError
@@ -28,7 +28,7 @@ from ..loading.checkpoint import load_merged, resolve_checkpoint
 from ..loading.export import MARKER, is_export
 from ..models.vision import VisionTower
 from .card import find_metrics, model_card
-from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts, token_layout
+from .processor import SEP_TOKEN, add_image_tokens, build_processor, check_prompts
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,7 +98,7 @@ def vision_parts(tower: VisionTower, vision) -> dict:
     """The ``Parts`` fields that say how phivlm reads ``vision`` (``tower``'s model with all its layers)."""
     return {"vision": vision, "prefix": tower.prefix, "image_size": tower.image_size,
             "grid": tower.grid, "pooled_side": tower.pooled_side,
-            "interpolate": tower.interpolate, "num_image_tokens": tower.num_patches}
+            "interpolate": tower.interpolate, "num_image_tokens": tower.num_patches, "tiles": tower.tiles}
 
 
 def _assemble(loaded: Loaded):
@@ -116,6 +116,7 @@ def _assemble(loaded: Loaded):
                   projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
                   feature_layer=cfg.model.feature_layer, image_token_id=img, image_sep_token_id=sep,
                   **vision_parts(tower, vision))
-    processor = build_processor(tok, tower.processor, cfg.data.template, token_layout(parts))
-    check_prompts(processor, loaded.tok, cfg.data.template, tower.num_patches, tower.image_size)
+    processor = build_processor(tok, tower.processor, cfg.data.template, parts)
+    check_prompts(processor, loaded.tok, cfg.data.template, image_slots(loaded.tok, tower.num_patches, tower.tiles),
+                  tower.image_size)
     return processor, parts

@@ -111,11 +111,14 @@ def vision_text(name: str, feature_layer: int, parts) -> str:
         dropped = "CLS token dropped"
     else:
         dropped = f"CLS and {parts.prefix - 1} register tokens dropped"
-    g, s, n = parts.grid, parts.pooled_side, parts.num_image_tokens
-    grid = f"{s}x{s} = {n} image tokens, average-pooled from the {g}x{g} patch grid" if parts.pooled else \
-        f"{g}x{g} = {n} image tokens (one per patch)"
-    size = f"{parts.image_size} px"
-    if parts.image_size != vcfg.image_size:
+    g, s, n, t = parts.grid, parts.pooled_side, parts.num_image_tokens, parts.tiles
+    side = s if parts.pooled else g
+    grid = f"{side}x{side} = {n} image tokens" if t == 1 else f"{side}x{side} image tokens per tile"
+    grid += f", average-pooled from the {g}x{g} patch grid" if parts.pooled else " (one per patch)"
+    seen = parts.image_size // t
+    size = f"{parts.image_size} px" if t == 1 else \
+        f"{parts.image_size} px cut into {t}x{t} tiles of {seen} px, each encoded alone ({n} image tokens in all)"
+    if seen != vcfg.image_size:
         size += f" (position embeddings interpolated from the model's {vcfg.image_size} px)"
     return (f"`{name}` ({kind}, {vcfg.patch_size}-px patches, frozen): hidden states of layer {feature_layer}, "
             f"{dropped}: {grid} at {size}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, encode_prompt, get_template, start_token
+from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, TILE_MARKER, encode_prompt, get_template, start_token
 from ..models.vlm import IMAGE_ID, SEP_ID
 from ..errors import PhivlmError
 from ..registry import Registry
@@ -106,18 +106,24 @@ def token_layout(parts) -> dict:
     return layout
 
 
-def build_processor(tok, image_processor, template: str, layout: dict):
-    """A ``LlavaProcessor`` (``tok`` must already hold the image tokens) with phivlm's prompt format;
-    ``layout``: ``token_layout``'s image-token counting settings."""
+def build_processor(tok, image_processor, template: str, parts):
+    """The processor (``tok`` must already hold the image tokens) with phivlm's prompt format: a
+    ``LlavaProcessor`` (``token_layout`` counts its image tokens), or for a tiled image a ``PhivlmProcessor``."""
     from transformers import LlavaProcessor
+
+    from ..hf.processing import PhivlmProcessor
 
     chat_template = CHAT_TEMPLATES.get(template)(tok)
     tok.chat_template = chat_template  # one template whichever object a user asks
+    if parts.tiles > 1:
+        return PhivlmProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
+                               image_token=IMAGE_TOKEN, image_tiles=parts.tiles, tile_marker=TILE_MARKER,
+                               tokens_per_tile=parts.num_image_tokens // parts.tiles ** 2)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
-                          image_token=IMAGE_TOKEN, **layout)
+                          image_token=IMAGE_TOKEN, **token_layout(parts))
 
 
-def check_prompts(processor, phivlm_tok, template: str, num_image_tokens: int, image_size: int) -> None:
+def check_prompts(processor, phivlm_tok, template: str, slots: list[int], image_size: int) -> None:
     """Fail unless the processor's chat template + tokenizer give phivlm's prompt token ids."""
     img, sep = processor.tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, SEP_TOKEN])
     image = Image.new("RGB", (image_size, image_size), (127, 127, 127))
@@ -126,7 +132,7 @@ def check_prompts(processor, phivlm_tok, template: str, num_image_tokens: int, i
         if not question and template != "plain":
             continue
         turns = [("user", f"{IMAGE_TOKEN}\n{question}" if question else IMAGE_TOKEN)]
-        want = [{IMAGE_ID: img, SEP_ID: sep}.get(i, i) for i in encode_prompt(tpl, phivlm_tok, turns, num_image_tokens)]
+        want = [{IMAGE_ID: img, SEP_ID: sep}.get(i, i) for i in encode_prompt(tpl, phivlm_tok, turns, slots)]
         content = [{"type": "image", "image": image}] + ([{"type": "text", "text": question}] if question else [])
         got = [int(i) for i in processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 
 def register() -> None:
-    """Register ``PhivlmConfig`` / ``PhivlmForConditionalGeneration`` with the Auto classes (idempotent)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    """Register ``PhivlmConfig`` / ``PhivlmForConditionalGeneration`` / ``PhivlmProcessor`` with the Auto classes
+    (idempotent)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from .configuration import PhivlmConfig
     from .modeling import PhivlmForConditionalGeneration
+    from .processing import PhivlmProcessor
 
     AutoConfig.register(PhivlmConfig.model_type, PhivlmConfig, exist_ok=True)
     AutoModelForImageTextToText.register(PhivlmConfig, PhivlmForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(PhivlmConfig, PhivlmProcessor, exist_ok=True)

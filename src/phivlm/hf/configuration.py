@@ -15,7 +15,9 @@ class PhivlmConfig(PreTrainedConfig):
     Image features are phivlm's (``phivlm.models.vision.select_features``): hidden states of
     ``vision_feature_layer`` without their ``vision_prefix_tokens`` leading non-patch tokens (CLS, registers),
     average-pooled to an ``image_grid_side`` x ``image_grid_side`` grid (0: the native patch grid), the vision
-    model run with ``interpolate_pos_encoding`` where set. The defaults are those of exports made before these
+    model run with ``interpolate_pos_encoding`` where set; with ``image_tiles`` = n > 1 the image is first cut into
+    n x n tiles encoded one by one (``phivlm.models.vision.split_tiles``), their tokens concatenated tile by tile.
+    The defaults are those of exports made before these
     settings existed (CLIP: CLS dropped, no pooling, native image size)."""
 
     model_type = "phivlm"
@@ -32,6 +34,7 @@ class PhivlmConfig(PreTrainedConfig):
     vision_prefix_tokens: int = 1  # leading non-patch tokens dropped (CLIP/DINOv2: CLS = 1; SigLIP: 0; + registers)
     image_grid_side: int = 0  # patch grid average-pooled to side x side tokens; 0 = not pooled
     interpolate_pos_encoding: bool = False  # forward the vision model with interpolate_pos_encoding=True
+    image_tiles: int = 0  # n > 1: the image cut into n x n tiles, each encoded alone
     image_token_id: int = -1
     image_sep_token_id: int = -2
     image_seq_length: int = 49

@@ -13,8 +13,9 @@ Llava's image features are ``hidden_states[vision_feature_layer]`` with 1 leadin
 (``vision_feature_select_strategy`` ``default``: CLIP's or DINOv2's CLS) or none (``full``: SigLIP), no pooling,
 and the vision model run without ``interpolate_pos_encoding`` (DINOv2 interpolates on its own; CLIP and SigLIP
 then only take their configured image size). Anything else (register tokens, a pooled token grid, CLIP/SigLIP
-at another image size) needs the phivlm format. ``transformers`` builds a Llava around any ``AutoModel`` vision
-config; vLLM's Llava (in the sources seen) only around CLIP, SigLIP or Pixtral, so it cannot serve a DINOv2 one.
+at another image size, an image cut into tiles) needs the phivlm format. ``transformers`` builds a Llava around
+any ``AutoModel`` vision config; vLLM's Llava (in the sources seen) only around CLIP, SigLIP or Pixtral, so it
+cannot serve a DINOv2 one.
 ``phivlm``: ``PhivlmForConditionalGeneration`` (``phivlm.hf``): any projector and tower setting (its config
 records the prefix tokens to drop, the pooled grid and ``interpolate_pos_encoding``), the LM unchanged.
 """
@@ -46,13 +47,14 @@ class Parts:
     projector_depth: int
     feature_layer: int
     prefix: int  # leading non-patch tokens (CLS, registers) dropped from the hidden states
-    image_size: int  # pixels the vision model sees
-    grid: int  # side of its native patch grid at that size
+    image_size: int  # pixels of the whole image
+    grid: int  # side of the native patch grid of what the vision model sees at once (the image, or one tile)
     pooled_side: int  # side of the pooled token grid (0 = not pooled)
     interpolate: bool  # phivlm runs the vision model with interpolate_pos_encoding=True
     num_image_tokens: int
     image_token_id: int
     image_sep_token_id: int
+    tiles: int = 1  # the image cut into tiles x tiles tiles, each encoded alone
 
     @property
     def lm_vocab_size(self) -> int:
@@ -81,7 +83,7 @@ class ExportFormat:
 
     def selection(self, model: nn.Module) -> tuple[int, int, bool]:
         """How an exported model reads its vision model's hidden states: (leading tokens dropped, pooled grid
-        side or 0, interpolate_pos_encoding)."""
+        side or 0, interpolate_pos_encoding, tiles per side or 0)."""
         raise NotImplementedError
 
 
@@ -109,6 +111,9 @@ class Llava(ExportFormat):
         if bias is not None and bool(bias.detach().abs().gt(0).any()):
             return "the LM's output layer has a bias, which LlavaForConditionalGeneration does not hold"
         kind = parts.vision.config.model_type
+        if parts.tiles > 1:
+            return (f"the image is cut into {parts.tiles}x{parts.tiles} tiles encoded one by one, with text markers "
+                    "between them; Llava encodes the whole image")
         if parts.prefix not in LLAVA_STRATEGY:
             return (f"the {kind} features drop {parts.prefix} leading tokens (CLS + {parts.prefix - 1} register "
                     "tokens); Llava's vision_feature_select_strategy drops 1 ('default') or none ('full')")
@@ -189,7 +194,7 @@ class Llava(ExportFormat):
 
     def selection(self, model):
         strategy = {v: k for k, v in LLAVA_STRATEGY.items()}
-        return strategy[model.config.vision_feature_select_strategy], 0, False
+        return strategy[model.config.vision_feature_select_strategy], 0, False, 0
 
 
 @FORMATS.register("phivlm")
@@ -206,6 +211,7 @@ class Phivlm(ExportFormat):
                               vision_prefix_tokens=parts.prefix,
                               image_grid_side=parts.pooled_side if parts.pooled else 0,
                               interpolate_pos_encoding=parts.interpolate,
+                              image_tiles=parts.tiles if parts.tiles > 1 else 0,
                               image_token_id=parts.image_token_id, image_sep_token_id=parts.image_sep_token_id,
                               image_seq_length=parts.num_image_tokens)
         model = PhivlmForConditionalGeneration(config).float().eval()
@@ -221,4 +227,4 @@ class Phivlm(ExportFormat):
 
     def selection(self, model):
         c = model.config
-        return c.vision_prefix_tokens, c.image_grid_side, c.interpolate_pos_encoding
+        return c.vision_prefix_tokens, c.image_grid_side, c.interpolate_pos_encoding, c.image_tiles

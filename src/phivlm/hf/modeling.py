@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from ..models.projector import build_projector
-from ..models.vision import select_features
+from ..models.vision import select_features, split_tiles
 from .configuration import PhivlmConfig
 
 
@@ -46,11 +46,13 @@ class PhivlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.language_model.get_output_embeddings()
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, patches, d_lm) projected patch features."""
+        """(B, 3, H, W) -> (B, image tokens, d_lm) projected patch features."""
         c = self.config
         kw = {"interpolate_pos_encoding": True} if c.interpolate_pos_encoding else {}
-        out = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, **kw)
+        tiles = split_tiles(pixel_values, c.image_tiles)
+        out = self.vision_tower(pixel_values=tiles.to(self.vision_tower.dtype), output_hidden_states=True, **kw)
         feats = select_features(out.hidden_states[c.vision_feature_layer], c.vision_prefix_tokens, c.image_grid_side)
+        feats = feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
         return self.projector(feats.to(self.separator.dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,10 +44,12 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     lm, vision, projector_state, separator = fmt.unpack(model, meta)
     tower = VisionTower(str(path), cfg.model.feature_layer, model=vision, image_size=cfg.model.image_size,
-                        image_tokens=cfg.model.image_tokens)
-    own = (tower.prefix, tower.pooled_side if tower.pooled_side != tower.grid else 0, tower.interpolate)
+                        image_tokens=cfg.model.image_tokens, tiles=cfg.model.image_tiles)
+    own = (tower.prefix, tower.pooled_side if tower.pooled_side != tower.grid else 0, tower.interpolate,
+           tower.tiles if tower.tiles > 1 else 0)
     if fmt.selection(model) != own:
-        raise PhivlmError(f"{path}: the model reads its image features as (prefix, pooled grid, interpolation) "
+        raise PhivlmError(f"{path}: the model reads its image features as (prefix, pooled grid, interpolation, "
+                          f"tiles) "
                           f"{fmt.selection(model)}, its phivlm config as {own}")
     tower.random_weights = builtin.is_random_vision(cfg.model.vision)
     if tower.random_weights:

@@ -5,6 +5,10 @@ entry says which transformers class loads it, where its encoder layers are, how 
 non-patch tokens (CLS, registers) to drop and whether other image sizes need
 ``interpolate_pos_encoding``. Features are ``hidden_states[feature_layer]`` without those tokens,
 optionally average-pooled from the patch grid to a smaller square grid (``image_tokens``).
+
+With ``tiles`` = n the image is cut into an n x n grid of tiles, each encoded on its own (the image splitting of
+Idefics3 / SmolVLM, without the global view): a tile's tokens see only its own pixels, and tiles with the same
+content give the same tokens wherever they are. Tokens are ordered tile by tile, row-major.
 """
 from __future__ import annotations
 
@@ -69,6 +73,16 @@ def select_features(hidden: torch.Tensor, prefix: int, pooled_side: int = 0) -> 
     return F.adaptive_avg_pool2d(grid.float(), pooled_side).flatten(2).transpose(1, 2).to(patches.dtype)
 
 
+def split_tiles(pixel_values: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(B, C, n*s, n*s) -> (B*n*n, C, s, s): each image's n x n tiles, row-major."""
+    if tiles <= 1:
+        return pixel_values
+    b, c, h, w = pixel_values.shape
+    s = h // tiles
+    x = pixel_values.reshape(b, c, tiles, s, tiles, s).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * tiles * tiles, c, s, s)
+
+
 def resize_processor(processor, image_size: int) -> None:
     """Make ``processor`` resize (shortest edge) and centre-crop to ``image_size`` pixels."""
     size = getattr(processor, "size", None) or {}
@@ -100,12 +114,14 @@ class VisionTower(nn.Module):
     """A frozen vision model + its image processor; always eval mode, no grad.
 
     Layers after ``feature_layer`` are removed so they are never computed. ``image_size`` (0 = the
-    processor's own) sets resize/crop and interpolated position embeddings; ``image_tokens`` (0 = the
-    native patch grid) average-pools the grid to that many tokens. All three are part of ``identity``.
+    processor's own) sets resize/crop and interpolated position embeddings; ``tiles`` (0 = none) cuts the
+    image into tiles x tiles tiles of ``image_size // tiles`` px encoded one by one; ``image_tokens`` (0 = the
+    native patch grid) average-pools each tile's grid so that the image has that many tokens. All are part of
+    ``identity``.
     """
 
     def __init__(self, name: str, feature_layer: int = -2, model: nn.Module | None = None,
-                 image_size: int = 0, image_tokens: int = 0):
+                 image_size: int = 0, image_tokens: int = 0, tiles: int = 0):
         """``name``: built-in name, hub id or folder (with the image processor); ``model``: an already
         loaded vision model to use instead of loading one from ``name`` (e.g. from an export)."""
         super().__init__()
@@ -127,14 +143,23 @@ class VisionTower(nn.Module):
         self.image_size = image_size or _processor_size(self.processor, cfg)
         if image_size:
             resize_processor(self.processor, image_size)
-        self.grid = grid = self.image_size // cfg.patch_size  # side of the native patch grid at this size
-        self.pooled_side = grid_side(image_tokens) if image_tokens else 0
+        self.tiles = max(tiles, 1)
+        self.tile_size = self.image_size // self.tiles  # pixels the vision model sees at once
+        if self.tiles > 1 and (self.image_size % self.tiles or self.tile_size < cfg.patch_size):
+            raise PhivlmError(f"{self.image_size} px do not split into {self.tiles}x{self.tiles} tiles of whole "
+                              f"{cfg.patch_size}-px patches (image_size must be a multiple of tiles)")
+        self.grid = grid = self.tile_size // cfg.patch_size  # side of one tile's native patch grid
+        n_tiles = self.tiles ** 2
+        if image_tokens and image_tokens % n_tiles:
+            raise PhivlmError(f"image_tokens {image_tokens} is not a multiple of the {n_tiles} tiles")
+        self.pooled_side = grid_side(image_tokens // n_tiles) if image_tokens else 0
         if self.pooled_side > grid:
             raise PhivlmError(f"image_tokens {image_tokens} exceeds the {grid}x{grid} patch grid of {name} "
-                              f"at {self.image_size} px")
-        self.num_patches = (self.pooled_side or grid) ** 2
+                              f"at {self.tile_size} px" + (f" per tile (x {n_tiles} tiles)" if n_tiles > 1 else ""))
+        self.tokens_per_tile = (self.pooled_side or grid) ** 2
+        self.num_patches = n_tiles * self.tokens_per_tile
         self.prefix = self.type.prefix(cfg)
-        self.interpolate = self.type.interpolate and self.image_size != cfg.image_size
+        self.interpolate = self.type.interpolate and self.tile_size != cfg.image_size
         self.identity = self._identity(model, feature_layer, image_tokens)
         self.keep = feature_layer % (cfg.num_hidden_layers + 1)  # hidden_states has n_layers + 1 entries
         owner, attr = _resolve_attr(model, self.type.layers)
@@ -147,7 +172,8 @@ class VisionTower(nn.Module):
         h = hashlib.sha256()
         h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
         h.update(json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode())
-        h.update(f"layer={feature_layer} size={self.image_size} tokens={image_tokens}".encode())
+        tiles = f" tiles={self.tiles}" if self.tiles > 1 else ""  # untiled: the identity of older caches
+        h.update(f"layer={feature_layer} size={self.image_size} tokens={image_tokens}{tiles}".encode())
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().float().contiguous().numpy().tobytes())
@@ -170,10 +196,11 @@ class VisionTower(nn.Module):
         seen: list[torch.Tensor] = []
         handle = encoder.register_forward_hook(lambda m, args, out: seen.append(out.last_hidden_state))
         try:
-            self.model(pixel_values=pixel_values.to(self.model.dtype), **kw)
+            self.model(pixel_values=split_tiles(pixel_values, self.tiles).to(self.model.dtype), **kw)
         finally:
             handle.remove()
-        return select_features(seen[-1], self.prefix, self.pooled_side)
+        feats = select_features(seen[-1], self.prefix, self.pooled_side)
+        return feats.reshape(pixel_values.shape[0], self.num_patches, feats.shape[-1])
 
 
 def _processor_size(processor, cfg) -> int:
@@ -192,4 +219,4 @@ def _resolve_attr(obj, dotted: str):
 def build_tower(model_cfg, model: nn.Module | None = None) -> VisionTower:
     """The tower a run's ``ModelConfig`` names, with its feature layer, image size and token grid."""
     return VisionTower(model_cfg.vision, model_cfg.feature_layer, model=model, image_size=model_cfg.image_size,
-                       image_tokens=model_cfg.image_tokens)
+                       image_tokens=model_cfg.image_tokens, tiles=model_cfg.image_tiles)

@@ -18,7 +18,7 @@ from ..config import RunConfig
 from ..data.dataset import Collator, VLMDataset
 from ..data.features import FeatureStore, build_features
 from ..data.sources import load_samples
-from ..data.templates import check_template_name, get_template, resolve_template_name
+from ..data.templates import check_template_name, get_template, image_slots, resolve_template_name
 from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..errors import Interrupted, PhivlmError
@@ -54,7 +54,8 @@ def load_data(cfg: RunConfig, tower: VisionTower, path: str, template, tok, devi
             raise PhivlmError(f"{bad[0]['reason']} (use --skip-bad to skip bad images)")
         skipped += [{"file": path, "record": b["image"], "reason": b["reason"]} for b in bad]
         samples = [s for s in samples if s.image in store]
-    ds = VLMDataset(samples, template, tok, tower.num_patches, cfg.data.max_length, cfg.data.skip_bad,
+    slots = image_slots(tok, tower.num_patches, tower.tiles)
+    ds = VLMDataset(samples, template, tok, slots, cfg.data.max_length, cfg.data.skip_bad,
                     skipped, source=path)
     if len(ds) == 0:
         raise PhivlmError(f"{path}: no trainable samples left")
