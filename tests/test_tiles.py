@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from phivlm.data.templates import TILE_MARKER, encode, encode_prompt, get_template, image_slots
+from phivlm.data.templates import encode, encode_prompt, get_template, image_slots, tile_markers
 from phivlm.errors import PhivlmError
 from phivlm.models import builtin
 from phivlm.models.vision import VisionTower, select_features, split_tiles
@@ -79,10 +79,11 @@ def test_image_slots_put_each_tile_after_its_marker(tiny_tok):
     assert image_slots(tiny_tok, 4) == [IMAGE_ID] * 4 + [SEP_ID]
     slots = image_slots(tiny_tok, 8, tiles=2)
     want: list[int] = []
-    for row, col in ((1, 1), (1, 2), (2, 1), (2, 2)):
-        want += tiny_tok(TILE_MARKER.format(row=row, col=col), add_special_tokens=False)["input_ids"] + [IMAGE_ID] * 2
+    for marker in (" top left:", " top right:", " bottom left:", " bottom right:"):
+        want += tiny_tok(marker, add_special_tokens=False)["input_ids"] + [IMAGE_ID] * 2
     assert slots == want + [SEP_ID]
-    assert tiny_tok.decode([i for i in slots if i >= 0]).split() == ["r1c1:", "r1c2:", "r2c1:", "r2c2:"]
+    assert tile_markers(3)[4] == " center:" and tile_markers(3)[8] == " bottom right:" and len(tile_markers(3)) == 9
+    assert tile_markers(4)[6] == " row 2 column 3:" and len(tile_markers(4)) == 16
 
 
 def test_tiled_prompts_and_training_samples(tiny_tok):
@@ -125,4 +126,4 @@ def test_a_tiled_run_trains_caches_and_answers(synth_data, tiny_config, tmp_path
     feats = assistant.features([Image.open(Path(synth_data["images"]) / name).convert("RGB")])
     torch.testing.assert_close(feats, store.get([name]), atol=2e-3, rtol=2e-3)  # the cache is the tower's
     ids, _ = assistant._batch([[("user", assistant.first_turn("What is it?"))]])
-    assert ids[0].tolist().count(IMAGE_ID) == 9 and assistant.tok.decode(ids[0][ids[0] >= 0]).count("r3c3:") == 1
+    assert ids[0].tolist().count(IMAGE_ID) == 9 and assistant.tok.decode(ids[0][ids[0] >= 0]).count("bottom right:") == 1

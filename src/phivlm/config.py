@@ -42,7 +42,7 @@ class ModelConfig:
     image_tokens: int = opt(0, "image tokens per image: the patch grid average-pooled to a square number "
                             "(per tile, with --image-tiles; 0 = every patch)")
     image_tiles: int = opt(0, "cut each image into an N x N grid of tiles encoded one by one at image-size / N px, "
-                           "each tile's tokens after a text marker naming its row and column (0 = the whole image)")
+                           "each tile's tokens after a text marker saying where it lies (0 = the whole image)")
     lm: str = opt("smollm2-135m", "language model: a built-in name (smollm2-135m, tiny-phi, tiny-llama), "
                   "a hub id or a local folder")
     projector: str = opt("residual", "projector from image features to LM embeddings",

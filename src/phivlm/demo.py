@@ -43,6 +43,7 @@ class Preset:
     lm_tuning: str  # stage 2
     batch: int = 16
     image_tiles: int = 0  # 0 = the whole image at once
+    s1_lora_lr: float = 0.0  # > 0: stage 1 also trains LoRA adapters (at this lr), and stage 2 goes on with them
     # stage 2: `plain` ("question\nanswer<eos>" per turn) is ~40% fewer tokens than SmolLM2's chat template
     # with its system prompt, and LoRA dropout costs ~30% of a CPU step (one RNG mask per adapted layer)
     s2_template: str = "plain"
@@ -73,6 +74,8 @@ def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunCon
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch
     s1.train.lr = p.s1_lr
+    if p.s1_lora_lr:
+        s1.tuning.lm_tuning, s1.tuning.lora_dropout, s1.train.lm_lr = "lora", p.lora_dropout, p.s1_lora_lr
     s2 = RunConfig.from_dict(s1.to_dict())
     # no validation loss during stage 2: each pass over the 200 held-out conversations costs about 4 steps;
     # the held-out accuracy after training is the demo's measure

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, TILE_MARKER, encode_prompt, get_template, start_token
+from ..data.templates import IMAGE_TOKEN, PHI_SYSTEM, encode_prompt, get_template, start_token, tile_markers
 from ..models.vlm import IMAGE_ID, SEP_ID
 from ..errors import PhivlmError
 from ..registry import Registry
@@ -117,7 +117,7 @@ def build_processor(tok, image_processor, template: str, parts):
     tok.chat_template = chat_template  # one template whichever object a user asks
     if parts.tiles > 1:
         return PhivlmProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
-                               image_token=IMAGE_TOKEN, image_tiles=parts.tiles, tile_marker=TILE_MARKER,
+                               image_token=IMAGE_TOKEN, tile_markers=tile_markers(parts.tiles),
                                tokens_per_tile=parts.num_image_tokens // parts.tiles ** 2)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
                           image_token=IMAGE_TOKEN, **token_layout(parts))
