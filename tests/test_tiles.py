@@ -126,4 +126,5 @@ def test_a_tiled_run_trains_caches_and_answers(synth_data, tiny_config, tmp_path
     feats = assistant.features([Image.open(Path(synth_data["images"]) / name).convert("RGB")])
     torch.testing.assert_close(feats, store.get([name]), atol=2e-3, rtol=2e-3)  # the cache is the tower's
     ids, _ = assistant._batch([[("user", assistant.first_turn("What is it?"))]])
-    assert ids[0].tolist().count(IMAGE_ID) == 9 and assistant.tok.decode(ids[0][ids[0] >= 0]).count("bottom right:") == 1
+    assert ids[0].tolist().count(IMAGE_ID) == 9
+    assert assistant.tok.decode(ids[0][ids[0] >= 0]).count("bottom right:") == 1
