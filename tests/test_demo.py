@@ -25,8 +25,9 @@ def test_stage_configs_chain_stage1_into_lora_stage2(tmp_path):
     data = {k: str(tmp_path / k) for k in ("captions_train", "instruct_train", "instruct_val", "images")}
     s1, s2 = stage_configs(tmp_path, data, "default")
     p = PRESETS["default"]
-    assert (s1.model.vision, s1.model.lm, s1.data.template, s1.tuning.lm_tuning) == (p.vision, p.lm, "plain", "frozen")
-    assert (s1.train.max_steps, s1.train.lr) == (p.s1_steps, p.s1_lr)
+    assert (s1.model.vision, s1.model.lm, s1.data.template, s1.tuning.lm_tuning) == (p.vision, p.lm, "plain", "lora")
+    assert (s1.train.max_steps, s1.train.lr, s1.train.lm_lr) == (p.s1_steps, p.s1_lr, p.s1_lora_lr)
+    assert s1.tuning.lora_dropout == p.lora_dropout and s1.model.image_tiles == p.image_tiles == 3
     assert (s2.data.data, s2.data.template, s2.tuning.lm_tuning, s2.tuning.lora_dropout) == (
         data["instruct_train"], p.s2_template, "lora", p.lora_dropout)
     assert (s2.train.max_steps, s2.train.lr, s2.train.lm_lr) == (p.s2_steps, p.s2_lr, p.s2_lr)
