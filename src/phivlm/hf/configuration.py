@@ -17,8 +17,8 @@ class PhivlmConfig(PreTrainedConfig):
     average-pooled to an ``image_grid_side`` x ``image_grid_side`` grid (0: the native patch grid), the vision
     model run with ``interpolate_pos_encoding`` where set; with ``image_tiles`` = n > 1 the image is first cut into
     n x n tiles encoded one by one (``phivlm.models.vision.split_tiles``), their tokens concatenated tile by tile.
-    The defaults are those of exports made before these
-    settings existed (CLIP: CLS dropped, no pooling, native image size)."""
+    The defaults are those of exports made before these settings existed (CLIP: CLS dropped, no pooling, native
+    image size, no tiles)."""
 
     model_type = "phivlm"
     sub_configs_defaults = {

@@ -17,7 +17,7 @@ at another image size, an image cut into tiles) needs the phivlm format. ``trans
 any ``AutoModel`` vision config; vLLM's Llava (in the sources seen) only around CLIP, SigLIP or Pixtral, so it
 cannot serve a DINOv2 one.
 ``phivlm``: ``PhivlmForConditionalGeneration`` (``phivlm.hf``): any projector and tower setting (its config
-records the prefix tokens to drop, the pooled grid and ``interpolate_pos_encoding``), the LM unchanged.
+records the prefix tokens to drop, the pooled grid, ``interpolate_pos_encoding`` and the tiles), the LM unchanged.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class ExportFormat:
         projector state, separator)."""
         raise NotImplementedError
 
-    def selection(self, model: nn.Module) -> tuple[int, int, bool]:
+    def selection(self, model: nn.Module) -> tuple[int, int, bool, int]:
         """How an exported model reads its vision model's hidden states: (leading tokens dropped, pooled grid
         side or 0, interpolate_pos_encoding, tiles per side or 0)."""
         raise NotImplementedError

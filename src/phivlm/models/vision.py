@@ -77,7 +77,7 @@ def split_tiles(pixel_values: torch.Tensor, tiles: int) -> torch.Tensor:
     """(B, C, n*s, n*s) -> (B*n*n, C, s, s): each image's n x n tiles, row-major."""
     if tiles <= 1:
         return pixel_values
-    b, c, h, w = pixel_values.shape
+    b, c, h, _ = pixel_values.shape  # square: the processor crops to image_size x image_size
     s = h // tiles
     x = pixel_values.reshape(b, c, tiles, s, tiles, s).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b * tiles * tiles, c, s, s)
