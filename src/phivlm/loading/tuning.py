@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import TuningConfig
+from ..models.dropout import use_fast_dropout
 from ..models.lm import LORA_TARGETS
 from ..errors import PhivlmError
 
@@ -79,6 +80,7 @@ def apply_tuning(lm: nn.Module, tuning: TuningConfig, adapter_dir: str | None = 
             cfg = LoraConfig(r=tuning.lora_rank, lora_alpha=tuning.lora_alpha, lora_dropout=tuning.lora_dropout,
                              target_modules=lora_targets(lm, tuning), task_type="CAUSAL_LM")
             lm = get_peft_model(lm, cfg)
+        use_fast_dropout(lm)
     if tuning.gradient_checkpointing and trainable:
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
