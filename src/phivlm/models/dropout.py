@@ -15,10 +15,10 @@ from torch import nn
 _LANES = 3  # uniform int16 lanes of each random int64
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device | None = None) -> torch.Tensor:
-    """Bool mask of ``shape``, each element True with probability 1 - p (p a multiple of 1/65536)."""
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Bool CPU mask of ``shape``, each element True with probability 1 - p (p a multiple of 1/65536)."""
     n = shape.numel()
-    bits = torch.empty(-(-n // _LANES), dtype=torch.int64, device=device).random_()
+    bits = torch.empty(-(-n // _LANES), dtype=torch.int64).random_()
     lanes = bits.view(torch.int16).view(-1, 4)[:, :_LANES]
     threshold = round(p * 65536) - 32768
     return (lanes >= threshold).reshape(-1)[:n].view(shape)
@@ -44,14 +44,11 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
-def use_fast_dropout(lm: nn.Module) -> int:
-    """Swap each PEFT LoRA layer's ``nn.Dropout`` for a ``FastDropout`` of the same p; returns how many."""
-    swapped = 0
-    for module in lm.modules():
+def use_fast_dropout(lm: nn.Module) -> None:
+    """Swap each PEFT LoRA layer's ``nn.Dropout`` for a ``FastDropout`` of the same p."""
+    for module in list(lm.modules()):
         drops = getattr(module, "lora_dropout", None)
         if isinstance(drops, nn.ModuleDict):
-            for name, drop in drops.items():
+            for name, drop in list(drops.items()):
                 if isinstance(drop, nn.Dropout):
                     drops[name] = FastDropout(drop.p)
-                    swapped += 1
-    return swapped
