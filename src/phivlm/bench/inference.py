@@ -73,8 +73,7 @@ def generation_figure(env: Env) -> dict:
     ref = Reference(env.clip, vlm, env.feature_layer)
     ref.model.eval()
     dtype = compute_dtype(torch.device("cpu"), "auto")
-    if dtype is not None:  # what Assistant (chat, serve, eval, generate) does
-        vlm.hold_weights_in(dtype)
+    vlm.prepare_decoding(dtype)  # what Assistant (chat, serve, eval, generate) does
     template = get_template(resolve_template_name("auto", env.tok))
     ids = torch.tensor([encode_prompt(template, env.tok, [("user", PROMPT)], env.tower.num_patches)])
     mask = torch.ones_like(ids)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decoder as fast
 from .projector import build_projector
 
 IMAGE_ID = -1
@@ -57,6 +58,7 @@ class PhiVLM(nn.Module):
         self.projector = build_projector(projector, d_vision, d_lm, projector_depth)
         std = lm.get_input_embeddings().weight.detach().float().std().item()
         self.separator = nn.Parameter(torch.randn(d_lm) * std)
+        self.decoder: fast.Decoder | None = None  # set by prepare_decoding
 
     # -- parts -------------------------------------------------------------------------------
     @property
@@ -133,6 +135,15 @@ class PhiVLM(nn.Module):
             if isinstance(m, nn.Linear):
                 m.weight.data = m.weight.data.to(dtype)
 
+    @torch.no_grad()
+    def prepare_decoding(self, dtype: torch.dtype | None) -> None:
+        """For inference: hold the LM's weights in the compute dtype (None: fp32, as they are) and, for a
+        Llama-architecture LM, decode with ``models.decoder`` (same tokens, a fraction of the per-step ops)."""
+        if dtype is not None:
+            self.hold_weights_in(dtype)
+        base = self.base_lm
+        self.decoder = fast.Decoder(base, dtype or torch.float32) if fast.supports(base) else None
+
     def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of each row's last position only (one (B, d) x (d, V) product)."""
         return self.base_lm.get_output_embeddings()(hidden[:, -1]).float()
@@ -146,12 +157,15 @@ class PhiVLM(nn.Module):
                                             attention_mask=attention_mask,
                                             position_ids=self.position_ids(attention_mask), cache=cache,
                                             use_cache=True)[0]
-        return self._last_logits(hidden), cache
+        return self._last_logits(hidden), (cache if self.decoder is None else self.decoder.adopt(cache))
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
         """Feed one token per row (B,) with the KV cache; returns (logits, cache)."""
-        emb = self.base_lm.get_input_embeddings()(tokens.unsqueeze(1))
         pos = self.position_ids(attention_mask)[:, -1:]
+        if isinstance(cache, fast.KVCache):
+            hidden = self.decoder.step(tokens, pos, attention_mask, cache).unsqueeze(1)
+            return self._last_logits(hidden), cache
+        emb = self.base_lm.get_input_embeddings()(tokens.unsqueeze(1))
         hidden = self.base_lm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
                                             cache=cache, use_cache=True)[0]
         return self._last_logits(hidden), cache
