@@ -82,19 +82,39 @@ def test_bf16_autocast_gives_the_same_greedy_tokens_as_transformers():
         torch.testing.assert_close(y, x, rtol=0, atol=0.02)
 
 
-def test_fused_weights_share_the_lms_storage_and_leave_its_forward_unchanged():
+def test_preparing_leaves_the_lms_own_forward_unchanged():
     vlm = _vlm()
     ids, mask, feats = _prompts([6])
     with torch.no_grad():
-        before = vlm.prefill(ids, mask, feats)[0]
+        before = vlm.base_lm(inputs_embeds=vlm.embed(ids, feats), attention_mask=mask).logits
         params = sum(p.numel() for p in vlm.parameters())
         vlm.prepare_decoding(None)
-        after = vlm.prefill(ids, mask, feats)[0]
+        after = vlm.base_lm(inputs_embeds=vlm.embed(ids, feats), attention_mask=mask).logits
     assert sum(p.numel() for p in vlm.parameters()) == params
-    attn = vlm.base_lm.model.layers[0].self_attn
-    fused, _ = vlm.decoder.layers[0][1]
-    assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.out_features:].data_ptr()
+    attn = vlm.base_lm.model.layers[0].self_attn  # q, k and v are views of one fused weight
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_products_equal_a_plain_matmul_packed_or_not(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(5, 64, generator=g).to(dtype)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    packed = decoder._Product(weight, bias)
+    assert (packed.packed is not None) == torch.backends.mkldnn.is_available()
+    exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed(x), expected, **exact)
+
+    def no_onednn(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(decoder._Product, "_checked", {})
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_onednn)
+    plain = decoder._Product(weight, bias)
+    assert plain.packed is None
+    torch.testing.assert_close(plain(x), expected, **exact)
 
 
 @pytest.mark.parametrize("case", ["phi", "lora"])

@@ -37,7 +37,8 @@ def supports(lm: nn.Module) -> bool:
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several Linears of the same input; the Linears' own tensors become views of it."""
+    """(weight, bias) of one product for several Linears of the same input; the Linears' own tensors become
+    views of it, so an unpacked product adds no memory."""
     weight = torch.cat([m.weight.data for m in linears])
     bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
     start = 0
@@ -50,14 +51,56 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+class _Product:
+    """``x @ weight.T + bias`` for a 2-D ``x``, with a weight that is read once per decoding step.
+
+    On a CPU the weight is held in oneDNN's prepacked layout: at batch 1 on a 2-core AMD EPYC (AVX512-BF16)
+    a 3072 x 576 bf16 product took 80 us against 127 us for ``torch.mm`` (the head, 49,152 x 576: 1.08 against
+    1.79 ms), with bitwise the same result in bf16 (checked here on the first product of each shape; where the
+    check fails or the op is missing, one plain ``mm``). Packing copies the weight: the LM's own tensors stay
+    for the prompt, which runs through transformers."""
+
+    _checked: dict[tuple, bool] = {}
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight_t = weight.t()
+        self.bias = None if bias is None else bias.to(weight.dtype)  # autocast casts a Linear's bias too
+        self.packed = self._pack(weight) if weight.device.type == "cpu" else None
+        if self.packed is not None:
+            self.weight_t = None
+
+    def _pack(self, weight: torch.Tensor):
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            key = (tuple(weight.shape), weight.dtype, self.bias is not None)
+            if key not in self._checked:
+                x = torch.randn(3, weight.shape[1]).to(weight.dtype)
+                plain = self._mm(x)
+                fast = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+                self._checked[key] = (torch.equal(fast, plain) if weight.dtype != torch.float32 else
+                                      torch.allclose(fast, plain, rtol=1e-5, atol=1e-5))
+            return packed if self._checked[key] else None
+        except (RuntimeError, AttributeError):  # a torch without oneDNN, or a dtype it does not pack
+            return None
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return self._mm(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm`` on an fp32 ``x``, op for op."""
-    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    """``LlamaRMSNorm`` on an fp32 ``x`` in one fused op (bitwise the same as its six)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers applies it, ``x * cos + rotate_half(x) * sin``, where rotate_half(x) =
+    (-x2, x1): here (x2, x1) times a sin whose first half is negated, bitwise the same in two fewer ops."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
 
 
 @dataclass
@@ -88,8 +131,12 @@ class Decoder:
         self.layers = []
         for layer in lm.model.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm, _fuse([a.q_proj, a.k_proj, a.v_proj]), a.o_proj,
-                                layer.post_attention_layernorm, _fuse([m.gate_proj, m.up_proj]), m.down_proj))
+            self.layers.append((layer.input_layernorm, _Product(*_fuse([a.q_proj, a.k_proj, a.v_proj])),
+                                _Product(a.o_proj.weight, a.o_proj.bias), layer.post_attention_layernorm,
+                                _Product(*_fuse([m.gate_proj, m.up_proj])),
+                                _Product(m.down_proj.weight, m.down_proj.bias)))
+        head = lm.get_output_embeddings()
+        self.head = _Product(head.weight.data, head.bias)
 
     def adopt(self, cache, extra: int = 64) -> KVCache:
         """This decoder's cache holding what a transformers ``DynamicCache`` holds after the prompt, with room
@@ -108,29 +155,46 @@ class Decoder:
              cache: KVCache) -> torch.Tensor:
         """Feed one token per row (B,) at ``position_ids`` (B, 1) with ``attention_mask`` (B, cache.length + 1);
         returns the last hidden state (B, d) after the final norm, and advances ``cache``."""
+        # every dtype below is explicit (autocast's choices, made once): autocast itself only adds dispatches
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self._step(tokens, position_ids, attention_mask, cache)
+
+    def _step(self, tokens, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
         b, t = tokens.shape[0], cache.length
         if t == cache.keys[0].shape[2]:
             cache.grow()
-        x = self.lm.get_input_embeddings()(tokens).unsqueeze(1).float()  # (B, 1, d) fp32 residual stream
+        hq, hk, hd, dt = self.heads, self.kv_heads, self.head_dim, self.dtype
+        x = self.lm.get_input_embeddings()(tokens).float()  # (B, d) fp32 residual stream
         cos, sin = self.lm.model.rotary_emb(x, position_ids)  # (B, 1, head_dim) fp32
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        # additive mask as transformers' eager path builds it: 0 where attended, the fp32 minimum elsewhere
-        mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=x.device)
-        mask = mask.masked_fill_(~attention_mask.bool(), torch.finfo(torch.float32).min)[:, None, None, :]
-        hq, hk, hd = self.heads, self.kv_heads, self.head_dim
-        for i, (norm1, (w_qkv, b_qkv), o_proj, norm2, (w_gu, b_gu), down) in enumerate(self.layers):
-            h = _rms_norm(norm1, x).to(self.dtype)
-            qkv = F.linear(h, w_qkv, b_qkv).view(b, hq + 2 * hk, 1, hd)
-            q = _rotate(qkv[:, :hq], cos, sin).to(self.dtype)
-            cache.keys[i][:, :, t:t + 1] = _rotate(qkv[:, hq:hq + hk], cos, sin)
-            cache.values[i][:, :, t:t + 1] = qkv[:, hq + hk:]
-            k, v = cache.keys[i][:, :, :t + 1], cache.values[i][:, :, :t + 1]
-            # grouped-query attention without repeating k/v: the query heads of one kv head as rows
-            scores = torch.matmul(q.view(b, hk, hq // hk, hd), k.transpose(2, 3)) * self.scaling + mask
-            probs = torch.softmax(scores, -1, dtype=torch.float32).to(self.dtype)
-            out = torch.matmul(probs, v).reshape(b, 1, hq * hd)
-            x = x + o_proj(out)
-            gate, up = F.linear(_rms_norm(norm2, x).to(self.dtype), w_gu, b_gu).chunk(2, -1)
-            x = x + down(F.silu(gate) * up)
+        half = hd // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        # additive mask as transformers' eager path builds it: 0 where attended, the fp32 minimum elsewhere;
+        # without padding adding it changes nothing, so it is left out
+        mask = None
+        if not bool(attention_mask.all()):
+            mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=x.device)
+            mask = mask.masked_fill_(~attention_mask.bool(), torch.finfo(torch.float32).min)
+            mask = mask.repeat_interleave(hk, 0).unsqueeze(1)  # (B * kv_heads, 1, T), as the scores are
+        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.layers):
+            qkv = qkv_proj(_rms_norm(norm1, x).to(dt)).view(b, hq + 2 * hk, hd)
+            qk = _rotate(qkv[:, :hq + hk], cos, sin).to(dt)  # queries and keys rotated at once
+            keys, values = cache.keys[i], cache.values[i]
+            keys.select(2, t).copy_(qk[:, hq:])
+            values.select(2, t).copy_(qkv[:, hq + hk:])
+            # grouped-query attention without repeating k/v: one batch entry per kv head, its query heads as rows
+            k = keys.narrow(2, 0, t + 1).reshape(b * hk, t + 1, hd)
+            v = values.narrow(2, 0, t + 1).reshape(b * hk, t + 1, hd)
+            scores = torch.bmm(qk[:, :hq].reshape(b * hk, hq // hk, hd), k.transpose(1, 2)) * self.scaling
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, -1, dtype=torch.float32).to(dt)
+            x = x + o_proj(torch.bmm(probs, v).view(b, hq * hd))
+            gate, up = gate_up_proj(_rms_norm(norm2, x).to(dt)).chunk(2, -1)
+            x = x + down_proj(F.silu(gate) * up)
         cache.length = t + 1
-        return self.lm.model.norm(x)[:, -1]
+        return self.lm.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (B, V) in fp32 of last hidden states (B, d), as the head computes them under autocast."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.to(self.dtype)).float()

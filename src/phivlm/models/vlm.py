@@ -146,6 +146,8 @@ class PhiVLM(nn.Module):
 
     def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of each row's last position only (one (B, d) x (d, V) product)."""
+        if self.decoder is not None:
+            return self.decoder.logits(hidden[:, -1])
         return self.base_lm.get_output_embeddings()(hidden[:, -1]).float()
 
     def prefill(self, input_ids, attention_mask, image_features):
