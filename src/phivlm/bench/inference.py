@@ -124,6 +124,10 @@ def generation_figure(env: Env) -> dict:
     fns = {"phivlm": phivlm_generate, "reference": reference_generate}
     for fn in fns.values():
         fn(-1)
+    fast_tokens, decoder, vlm.decoder = tokens["phivlm"], vlm.decoder, None
+    phivlm_generate(-1)  # the same weights through transformers' decoder: what models.decoder must reproduce
+    same_as_transformers, vlm.decoder = tokens["phivlm"] == fast_tokens, decoder
+    tokens["phivlm"] = fast_tokens
     mem = {"phivlm": memory(lambda: phivlm_generate(-1), vlm, env.tower.model),
            "reference": memory(lambda: reference_generate(-1), ref.model)}
     for v in ttft.values():
@@ -133,6 +137,10 @@ def generation_figure(env: Env) -> dict:
     prof = profile_calls(env, "generation", {k: (lambda fn=fn: fn(-1)) for k, fn in fns.items()})
     out = {"new_tokens": n_new, "prompt_tokens": int(ids.shape[1]), "batch_size": 1,
            "same_tokens": tokens["phivlm"] == tokens["reference"],
+           "tokens_agreeing": next((i for i, (a, b) in enumerate(zip(tokens["phivlm"], tokens["reference"])) if a != b),
+                                   min(len(tokens["phivlm"]), len(tokens["reference"]))),
+           "same_tokens_as_transformers_decoder": same_as_transformers,
+           "decoder": "phivlm" if decoder is not None else "transformers",
            "tokens": {k: len(v) for k, v in tokens.items()}}
     for name in fns:
         t, first = timing[name], ttft[name][:len(timing[name].wall)]

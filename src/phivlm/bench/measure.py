@@ -233,7 +233,9 @@ def tensor_mb(*objs) -> float:
 
     def add(t):
         nonlocal total
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        if isinstance(t, torch.Tensor) and t.is_mkldnn:  # an opaque prepacked weight: no storage to share
+            total += t.numel() * t.element_size()
+        elif isinstance(t, torch.Tensor) and t.device.type != "meta":
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
@@ -242,6 +244,9 @@ def tensor_mb(*objs) -> float:
     for o in objs:
         if isinstance(o, nn.Module):
             for t in list(o.parameters()) + list(o.buffers()):
+                add(t)
+            decoder = getattr(o, "decoder", None)  # PhiVLM's decoding weights (models.decoder)
+            for t in decoder.tensors() if decoder is not None else ():
                 add(t)
         elif isinstance(o, torch.optim.Optimizer):
             for st in o.state.values():

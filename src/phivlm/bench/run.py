@@ -40,7 +40,8 @@ from .env import BenchConfig, Env
 from .training import training_figure
 
 log = logging.getLogger("phivlm.bench")
-GOALS = {"stage1_speedup": 2.0, "stage2_speedup": 1.3, "stage2_mfu": 0.40, "generation_speedup": 1.0}
+GOALS = {"stage1_speedup": 2.0, "stage2_speedup": 1.5, "stage2_mfu": 0.25, "decode_speedup": 1.5,
+         "ttft_speedup": 1.2}
 
 
 def _goals(res: dict) -> dict:
@@ -51,7 +52,8 @@ def _goals(res: dict) -> dict:
         goals["stage2_speedup"] = res["stage2"]["speedup"]
         goals["stage2_mfu"] = res["stage2"]["phivlm"]["mfu"]
     if "generation" in res:
-        goals["generation_speedup"] = min(res["generation"]["speedup_tokens_per_s"], res["generation"]["speedup_ttft"])
+        goals["decode_speedup"] = res["generation"]["speedup_tokens_per_s"]
+        goals["ttft_speedup"] = res["generation"]["speedup_ttft"]
     return {k: {"value": v, "goal": GOALS[k], "met": bool(v >= GOALS[k])} for k, v in goals.items()}
 
 

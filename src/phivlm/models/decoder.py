@@ -138,6 +138,11 @@ class Decoder:
         head = lm.get_output_embeddings()
         self.head = _Product(head.weight.data, head.bias)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this decoder holds besides the LM's own (the prepacked weights and cast biases)."""
+        products = [p for layer in self.layers for p in layer if isinstance(p, _Product)] + [self.head]
+        return [t for p in products for t in (p.packed, p.bias) if t is not None]
+
     def adopt(self, cache, extra: int = 64) -> KVCache:
         """This decoder's cache holding what a transformers ``DynamicCache`` holds after the prompt, with room
         for ``extra`` more positions before it grows."""
