@@ -1,15 +1,15 @@
 """One-token decoding steps for Llama-architecture LMs (SmolLM2, TinyLlama, Llama), with a preallocated KV cache.
 
-Written by hand because transformers' generic decoder layer spends most of a CPU decoding step outside its
-matmuls: at batch 1 SmolLM2-135M took ~28 ms per token on a 2-core AMD EPYC (AVX512-BF16), of which the
-matmuls were ~8 ms; the rest is ~600 small ops per token (mask building, cache concatenation, rotary
-tables per layer, autocast casts) and their Python. Here each layer is about 30 ops: q/k/v and gate/up are
-each one matmul (the LM's own weights, made views of one fused tensor, so no memory is added), rotary
-cos/sin are computed once per step by the LM's own rotary module, and keys and values are written into a
-preallocated cache. The arithmetic and its dtypes are those of transformers' eager path under autocast
-(fp32 residual stream and norms, matmuls in the compute dtype, fp32 softmax), so greedy tokens agree;
-``tests/test_decoder.py`` checks that against the LM's own forward. The prompt itself still runs through
-transformers (``PhiVLM.prefill``): its matmuls are large, and its cache is adopted here.
+Written by hand because transformers' generic decoder layer spends half of a CPU decoding step outside its
+matmuls: at batch 1, bf16, SmolLM2-135M took 23-28 ms per token on a 2-core AMD EPYC (AVX512-BF16), of
+which its 121 weight products were 11 ms; the rest is ~600 small ops per token (mask building, cache
+concatenation, rotary tables per layer, autocast casts) and their Python. Here a layer is about 30 ops:
+q/k/v and gate/up are each one product, rotary cos/sin come once per step from the LM's own rotary module,
+keys and values are written into a preallocated cache, and the weights are held prepacked for oneDNN
+(``_Product``): 13-15 ms per token (``bench/decode_ab.py``). The arithmetic and its dtypes are those of
+transformers' eager path under autocast (fp32 residual stream and norms, matmuls in the compute dtype, fp32
+softmax), so greedy tokens agree; ``tests/test_decoder.py`` checks that against the LM's own forward. The
+prompt itself still runs through transformers (``PhiVLM.prefill``), and its cache is adopted here.
 """
 from __future__ import annotations
 
