@@ -10,6 +10,7 @@ import torch
 
 from ..config import TuningConfig
 from ..errors import PhivlmError
+from ..runtime import compute_dtype
 from . import measure
 from .measure import Timing, count_flops, interleave, memory, paired_ratio
 from .profiling import profile_calls
@@ -50,6 +51,9 @@ def training_figure(env: Env, stage: int) -> dict:
         targets = lora_targets(vlm.lm, tuning)
         vlm.lm = apply_tuning(vlm.lm, tuning)
         ref.apply_lora(tuning, targets)
+    dtype = compute_dtype(torch.device("cpu"), "auto")
+    if dtype is not None:
+        vlm.hold_weights_in(dtype)  # what training does
     vlm.train()
     ref.model.train()
     own = list(vlm.projector.parameters()) + [vlm.separator]

@@ -121,18 +121,19 @@ class PhiVLM(nn.Module):
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
     def hold_weights_in(self, dtype: torch.dtype) -> None:
-        """For inference under autocast: keep the LM's Linear weights in the compute dtype once. Autocast caches
-        casts only of weights that require grad, so frozen weights are otherwise cast again at every decoding step.
-        A head tied to the embeddings gets its own copy, so the embeddings and the residual stream stay fp32:
-        the same numbers autocast computes. Quantized LMs are left alone."""
+        """Under autocast: keep the LM's frozen Linear weights in the compute dtype once. Autocast caches casts
+        only of weights that require grad, so frozen weights (inference, a frozen LM in stage 1, LoRA's base) are
+        otherwise cast again at every forward. A frozen head tied to the embeddings gets its own copy, so the
+        embeddings and the residual stream stay fp32: the same numbers autocast computes. Weights that train
+        (adapters, full tuning) stay fp32 master copies; quantized LMs are left alone."""
         base = self.base_lm
         if getattr(base, "hf_quantizer", None) is not None:
             return
         head, emb = base.get_output_embeddings(), base.get_input_embeddings()
-        if head is not None and head.weight is emb.weight:
+        if head is not None and head.weight is emb.weight and not head.weight.requires_grad:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         for m in base.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and not m.weight.requires_grad:
                 m.weight.data = m.weight.data.to(dtype)
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from ..models.vision import VisionTower, build_tower
 from ..models.vlm import PhiVLM
 from ..errors import Interrupted, PhivlmError
 from ..loading.checkpoint import build_vlm, resolve_checkpoint
-from ..runtime import autocast, pick_device, seed_everything
+from ..runtime import autocast, compute_dtype, pick_device, seed_everything
 from . import distributed, state
 from .distributed import Dist
 from .checkpoint import save_checkpoint
@@ -276,6 +276,8 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     batches = StepBatches(ds.lengths(), t.batch_size, t.seed, dist.world, dist.rank, t.grad_accum,
                           t.group_by_length)
     steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
+    if strategy.holds_frozen_weights and (dtype := compute_dtype(device, t.precision)) is not None:
+        vlm.hold_weights_in(dtype)  # the frozen LM weights cast once, not by autocast at every forward
     model = strategy.wrap(_Step(vlm, objective))
     update = _Update(vlm, cfg, steps, strategy, device)
     start = 0 if resume is None else state.restore(resume, update.opt, update.sched,

@@ -40,6 +40,11 @@ class OneProcess:
         """Whether this rank takes part in validation."""
         return self.dist.main
 
+    @property
+    def holds_frozen_weights(self) -> bool:
+        """Whether frozen LM weights may be held in the compute dtype (sharding wants one dtype per module)."""
+        return True
+
     def wrap(self, step: nn.Module) -> nn.Module:
         """The module to call for a training step. Parameters may be replaced: build the optimizer afterwards."""
         self.step = step
@@ -100,6 +105,10 @@ class FSDP(OneProcess):
     @property
     def validates(self):
         return True
+
+    @property
+    def holds_frozen_weights(self):
+        return False
 
     def wrap(self, step):
         fsdp.shard(step, step.vlm.base_lm, self.mode, self.device)
