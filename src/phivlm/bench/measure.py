@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..models import unpadded
+
 
 # -- timing ------------------------------------------------------------------------------------------
 
@@ -140,11 +142,13 @@ class MatmulFlops:
     def _attention(self, mod: nn.Module, args, kwargs):
         h = kwargs.get("hidden_states", args[0] if args else None)
         bsz, t = h.shape[0], h.shape[1]
+        if kwargs.get("phivlm_rows") is not None:  # unpadded training: attention runs on the padded (B, T) layout
+            bsz, t = kwargs["attention_mask"].shape[0], kwargs["attention_mask"].shape[-1]
         f = 4 * bsz * t * t * _out_features(mod.q_proj)
         b = 2 * f if torch.is_grad_enabled() and h.requires_grad else 0
         self.forward += f
         self.backward += b
-        if getattr(getattr(mod, "config", None), "_attn_implementation", None) == "eager":
+        if getattr(getattr(mod, "config", None), "_attn_implementation", None) in ("eager", unpadded.NAME):
             self.dense += f + b
 
     def __enter__(self):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decoder as fast
+from . import unpadded
 from .projector import build_projector
 
 IMAGE_ID = -1
@@ -111,8 +112,12 @@ class PhiVLM(nn.Module):
         """Mean next-token cross-entropy over labelled tokens; logits only where there is a label."""
         embeds = self.embed(input_ids, image_features)
         base = self.base_lm
-        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                    position_ids=self.position_ids(attention_mask), use_cache=False)[0]
+        if base.config._attn_implementation == unpadded.NAME:
+            hidden = unpadded.decoder_hidden(base.get_decoder(), embeds, attention_mask,
+                                             self.position_ids(attention_mask))
+        else:
+            hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=self.position_ids(attention_mask), use_cache=False)[0]
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])
