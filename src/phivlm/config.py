@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 LM_TUNINGS = ("frozen", "lora", "qlora", "full")
 FSDP_MODES = ("none", "full", "grad-op")
 FEEDBACK = ("greedy", "sample")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def opt(default, help: str, choices: tuple[str, ...] = (), names: tuple[str, ...] = (), kind: str = ""):
@@ -78,7 +79,8 @@ class TrainConfig:
     lr: float = opt(1e-3, "learning rate of the projector and separator")
     lm_lr: float = opt(2e-4, "learning rate of the LoRA adapters or LM weights")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up (then cosine decay)")
+    warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up (then --lr-schedule)")
+    lr_schedule: str = opt("cosine", "after warm-up: cosine decay to zero, or constant", LR_SCHEDULES)
     grad_clip: float = opt(1.0, "gradient norm clipped to this")
     seed: int = opt(0, "seed of data order, subsets and initialisation")
     precision: str = opt("auto", "auto: bf16 where the hardware has it, else fp32; fp16: GPU only", PRECISIONS,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..config import RunConfig
 from ..data.dataset import Collator, VLMDataset
@@ -204,14 +204,16 @@ def _step_record(step: int, losses: list[float], lr: float, t0: float, tf_rate: 
 
 
 class _Update:
-    """Gradients of a global batch and the optimizer step: AdamW with a cosine schedule after warm-up, fp16 loss
+    """Gradients of a global batch and the optimizer step: AdamW, warm-up then cosine or constant, fp16 loss
     scaling, gradient clipping; a step whose loss or gradient is not finite is skipped."""
 
     def __init__(self, vlm: PhiVLM, cfg: RunConfig, steps: int, strategy: OneProcess, device: torch.device):
         t = cfg.train
         self.params = [p for g in param_groups(vlm, cfg) for p in g["params"]]
         self.opt = torch.optim.AdamW(param_groups(vlm, cfg), weight_decay=t.weight_decay)
-        self.sched = get_cosine_schedule_with_warmup(self.opt, int(t.warmup_ratio * steps), steps)
+        warmup = int(t.warmup_ratio * steps)
+        self.sched = (get_constant_schedule_with_warmup(self.opt, warmup) if t.lr_schedule == "constant"
+                      else get_cosine_schedule_with_warmup(self.opt, warmup, steps))
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.strategy, self.device, self.precision, self.grad_clip = strategy, device, t.precision, t.grad_clip
 
