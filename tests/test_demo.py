@@ -27,6 +27,7 @@ def test_stage_configs_chain_stage1_into_lora_stage2(tmp_path):
     p = PRESETS["default"]
     assert (s1.model.vision, s1.model.lm, s1.data.template, s1.tuning.lm_tuning) == (p.vision, p.lm, "plain", "lora")
     assert (s1.train.max_steps, s1.train.lr, s1.train.lm_lr) == (p.s1_steps, p.s1_lr, p.s1_lora_lr)
+    assert (s1.train.lr_schedule, s2.train.lr_schedule) == (p.s1_schedule, "cosine") == ("constant", "cosine")
     assert s1.tuning.lora_dropout == p.lora_dropout and s1.model.image_tiles == p.image_tiles == 3
     assert (s2.data.data, s2.data.template, s2.tuning.lm_tuning, s2.tuning.lora_dropout) == (
         data["instruct_train"], p.s2_template, "lora", p.lora_dropout)
