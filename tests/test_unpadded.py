@@ -57,7 +57,9 @@ def _loss_and_grads(vlm: PhiVLM, precision: str) -> tuple[float, dict]:
 
 @pytest.mark.parametrize("lm_name,tuning", [("tiny-llama", "lora"), ("tiny-phi", "lora"), ("tiny-llama", "full")])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_unpadded_training_equals_padded(lm_name, tuning, precision):
+@pytest.mark.parametrize("rows", [1, 4])  # 1: real tokens only; 4: 35 real rounded up with 1 padding position
+def test_unpadded_training_equals_padded(lm_name, tuning, precision, rows, monkeypatch):
+    monkeypatch.setattr(unpadded, "ROWS", rows)
     padded, packed = _pair(lm_name, tuning)
     loss_a, grads_a = _loss_and_grads(padded, precision)
     loss_b, grads_b = _loss_and_grads(packed, precision)
@@ -78,7 +80,8 @@ def test_without_rows_it_is_eager_attention():
     torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
-def test_flop_count_sees_the_padded_attention_and_the_real_tokens():
+def test_flop_count_sees_the_padded_attention_and_the_real_tokens(monkeypatch):
+    monkeypatch.setattr(unpadded, "ROWS", 1)
     padded, packed = _pair("tiny-llama", "frozen")
     counts = []
     for vlm in (padded, packed):

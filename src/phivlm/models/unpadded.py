@@ -17,6 +17,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 NAME = "phivlm_unpadded"
+ROWS = 64
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, phivlm_rows=None, **kwargs):
@@ -64,7 +65,12 @@ def decoder_hidden(decoder, embeds: torch.Tensor, attention_mask: torch.Tensor,
     """The decoder's last hidden states (B, T, d) of a padded batch, computed on its real tokens only (zeros at
     padding)."""
     b, t, d = embeds.shape
-    rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+    real = attention_mask.reshape(-1).bool()
+    rows = real.nonzero().squeeze(1)
+    # a few padding positions (masked as keys, their outputs unused) round the packed length up to a multiple
+    # of ROWS: fewer distinct shapes for the allocator and oneDNN's kernel cache over a run
+    if extra := -rows.numel() % ROWS:
+        rows = torch.cat([rows, (~real).nonzero().squeeze(1)[:extra]]).sort().values
     hidden = decoder(inputs_embeds=embeds.reshape(b * t, d).index_select(0, rows).unsqueeze(0),
                      attention_mask=mask(attention_mask, embeds.dtype),
                      position_ids=position_ids.reshape(-1).index_select(0, rows).unsqueeze(0),
