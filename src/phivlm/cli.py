@@ -208,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"phivlm: error: {where}{e.strerror or e} (run with -v for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group before exit (gloo's threads torn down at interpreter exit instead
+    can abort a finished run: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
