@@ -101,6 +101,6 @@ def test_training_switches_it_on_and_saves_nothing_of_it(synth_data, train_run, 
                       lm="tiny-llama", max_steps=2)
     cfg.tuning.lm_tuning = "full"
     run = train_run(cfg)
-    assert run.vlm.base_lm.config._attn_implementation == unpadded.NAME
+    assert unpadded.active(run.vlm.base_lm)
     saved = json.loads((run.ckpt / "lm" / "config.json").read_text())
     assert unpadded.NAME not in json.dumps(saved)

@@ -10,7 +10,6 @@ import torch
 
 from ..config import TuningConfig
 from ..errors import PhivlmError
-from ..models import unpadded
 from ..runtime import compute_dtype
 from . import measure
 from .measure import Timing, count_flops, interleave, memory, paired_ratio
@@ -52,11 +51,7 @@ def training_figure(env: Env, stage: int) -> dict:
         targets = lora_targets(vlm.lm, tuning)
         vlm.lm = apply_tuning(vlm.lm, tuning)
         ref.apply_lora(tuning, targets)
-    dtype = compute_dtype(torch.device("cpu"), "auto")
-    if dtype is not None:
-        vlm.hold_weights_in(dtype)  # what training does
-    if unpadded.supports(vlm.base_lm):
-        unpadded.use(vlm.base_lm)  # so does this
+    vlm.prepare_training(compute_dtype(torch.device("cpu"), "auto"))  # what train() does
     vlm.train()
     ref.model.train()
     own = list(vlm.projector.parameters()) + [vlm.separator]

@@ -46,6 +46,11 @@ def supports(lm) -> bool:
     return getattr(lm.config, "_attn_implementation", None) in ("eager", NAME)
 
 
+def active(lm) -> bool:
+    """Whether ``lm`` was switched to it by ``use``."""
+    return getattr(lm.config, "_attn_implementation", None) == NAME
+
+
 def use(lm) -> None:
     """Switch ``lm`` to the unpadded-capable attention (eager attention wherever no rows are given)."""
     lm.config._attn_implementation = NAME  # read by every attention layer at each call

@@ -112,7 +112,7 @@ class PhiVLM(nn.Module):
         """Mean next-token cross-entropy over labelled tokens; logits only where there is a label."""
         embeds = self.embed(input_ids, image_features)
         base = self.base_lm
-        if base.config._attn_implementation == unpadded.NAME:
+        if unpadded.active(base):
             hidden = unpadded.decoder_hidden(base.get_decoder(), embeds, attention_mask,
                                              self.position_ids(attention_mask))
         else:
@@ -140,6 +140,16 @@ class PhiVLM(nn.Module):
         for m in base.modules():
             if isinstance(m, nn.Linear) and not m.weight.requires_grad:
                 m.weight.data = m.weight.data.to(dtype)
+
+    @torch.no_grad()
+    def prepare_training(self, dtype: torch.dtype | None) -> None:
+        """For training: hold the frozen LM weights in the compute dtype (None: leave them, e.g. fp32 or sharded)
+        and, where the LM runs eager attention, compute its position-wise work on real tokens only
+        (``models.unpadded``). Same loss and gradients."""
+        if dtype is not None:
+            self.hold_weights_in(dtype)
+        if unpadded.supports(self.base_lm):
+            unpadded.use(self.base_lm)
 
     @torch.no_grad()
     def prepare_decoding(self, dtype: torch.dtype | None) -> None:

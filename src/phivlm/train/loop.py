@@ -20,7 +20,6 @@ from ..data.features import FeatureStore, build_features
 from ..data.sources import load_samples
 from ..data.templates import check_template_name, get_template, image_slots, resolve_template_name
 from ..models.vision import VisionTower, build_tower
-from ..models import unpadded
 from ..models.vlm import PhiVLM
 from ..errors import Interrupted, PhivlmError
 from ..loading.checkpoint import build_vlm, resolve_checkpoint
@@ -279,10 +278,7 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
     batches = StepBatches(ds.lengths(), t.batch_size, t.seed, dist.world, dist.rank, t.grad_accum,
                           t.group_by_length)
     steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
-    if strategy.holds_frozen_weights and (dtype := compute_dtype(device, t.precision)) is not None:
-        vlm.hold_weights_in(dtype)  # the frozen LM weights cast once, not by autocast at every forward
-    if unpadded.supports(vlm.base_lm):
-        unpadded.use(vlm.base_lm)  # position-wise work on the real tokens only
+    vlm.prepare_training(compute_dtype(device, t.precision) if strategy.holds_frozen_weights else None)
     model = strategy.wrap(_Step(vlm, objective))
     update = _Update(vlm, cfg, steps, strategy, device)
     start = 0 if resume is None else state.restore(resume, update.opt, update.sched,
