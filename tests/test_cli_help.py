@@ -83,7 +83,7 @@ def test_flags_with_choices_show_them(cmd, capsys):
             assert f"{action.option_strings[-1]} {{{','.join(choices)}}}" in text, (cmd, action.dest)
             shown += 1
     if cmd in (("pretrain",), ("finetune",)):
-        assert shown == sum(bool(f.metadata["choices"]) for f in CONFIG_FIELDS.values()) == 9
+        assert shown == sum(bool(f.metadata["choices"]) for f in CONFIG_FIELDS.values()) == 10
 
 
 def test_every_config_field_has_help():
@@ -108,7 +108,7 @@ def test_config_choices_are_the_registries_names():
     }
     assert {k: listed[k] for k in fixed} == {  # fixed sets: defined in config, used from there
         "train.fsdp": config.FSDP_MODES, "train.precision": config.PRECISIONS, "train.feedback": config.FEEDBACK,
-        "train.lr_schedule": config.LR_SCHEDULES,
+        "train.lr_schedule": config.LR_SCHEDULES, "model.tile_markers": config.TILE_MARKERS,
         "tuning.lm_tuning": config.LM_TUNINGS}
     assert runtime.PRECISIONS is config.PRECISIONS and objectives.FEEDBACK is config.FEEDBACK
     assert set(fsdp.RESHARD) == set(config.FSDP_MODES) - {"none"}

@@ -48,19 +48,25 @@ CASES = {
     # tiles: 3x3 tiles of 28 px (2x2 patches) pooled to 1 token each; 2x2 tiles of 112 px, every patch
     "dinov2-tiles-plain": ("tiny-llama", "residual", "plain", "frozen", "phivlm", "plain-dinov2", 84, 9, 3),
     "clip-tiles-phi": ("tiny-phi", "mlp2x_gelu", "phi", "frozen", "phivlm", "tiny-clip", 224, 0, 2),
+    # a learned vector per image-token slot after the projector (Llava would hold the rest)
+    "clip-slots": ("tiny-llama", "mlp2x_gelu", "plain", "frozen", "phivlm"),
+    "dinov2-tiles-after-slots": ("tiny-llama", "residual", "phi", "frozen", "phivlm", "plain-dinov2", 84, 9, 3),
 }
+SLOTS = {"clip-slots", "dinov2-tiles-after-slots"}  # cases trained with --slot-embedding
+AFTER = {"dinov2-tiles-after-slots"}  # cases trained with --tile-markers after
 
 
 TOKENS = {"siglip": 16, "siglip-96px": 36, "dinov2-registers": 16, "dinov2-70px": 25, "clip-pooled": 9,
           "dinov2-registers-84px-pooled": 4, "dinov2-tiles-plain": 9,
-          "clip-tiles-phi": 36}  # image tokens per image; tiny-clip: 49
+          "clip-tiles-phi": 36, "dinov2-tiles-after-slots": 9}  # image tokens per image; tiny-clip: 49
 
 
 def case(name: str) -> SimpleNamespace:
     lm, projector, template, tuning, fmt, *vision = CASES[name]
     vision, image_size, image_tokens, tiles = (*(vision or ("tiny-clip", 0, 0)), 0)[:4]
     return SimpleNamespace(lm=lm, projector=projector, template=template, tuning=tuning, format=fmt, vision=vision,
-                           image_size=image_size, image_tokens=image_tokens, tiles=tiles)
+                           image_size=image_size, image_tokens=image_tokens, tiles=tiles, slots=name in SLOTS,
+                           markers="after" if name in AFTER else "before")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +125,8 @@ def make_checkpoint(untrained, out: Path, c: SimpleNamespace) -> Path:
     cfg = RunConfig()
     cfg.model.vision, cfg.model.lm, cfg.model.projector = c.vision, c.lm, c.projector
     cfg.model.image_size, cfg.model.image_tokens, cfg.model.image_tiles = c.image_size, c.image_tokens, c.tiles
-    cfg.data.template, cfg.tuning.lm_tuning = c.template, c.tuning
+    cfg.data.template, cfg.tuning.lm_tuning, cfg.model.slot_embedding = c.template, c.tuning, c.slots
+    cfg.model.tile_markers = c.markers
 
     def randomize(vlm) -> None:
         for p in vlm.projector.parameters():
@@ -267,7 +274,7 @@ def test_assistant_accepts_the_export(exported, name):
 
 
 @pytest.mark.parametrize("name", ["llama-linear-chat", "phi-mlp-lora", "llama-residual-plain", "clip-pooled",
-                                  "clip-tiles-phi"])
+                                  "clip-tiles-phi", "dinov2-tiles-after-slots"])
 def test_chat_template_renders_multi_turn_like_phivlm(exported, name):
     from transformers import AutoProcessor
 
@@ -277,7 +284,7 @@ def test_chat_template_renders_multi_turn_like_phivlm(exported, name):
     template, tok = get_template(meta["config"]["data"]["template"]), c["assistant"].tok
     turns = [("user", f"{IMAGE_TOKEN}\nWhat is it?"), ("assistant", "a red circle"), ("user", "Where is it?")]
     tower = c["assistant"].loaded.tower
-    want = encode_prompt(template, tok, turns, image_slots(tok, tower.num_patches, tower.tiles))
+    want = encode_prompt(template, tok, turns, image_slots(tok, tower.num_patches, tower.tiles, c["spec"].markers))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
             {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]}]
@@ -415,6 +422,8 @@ def test_export_refuses_what_it_cannot_do(exported, tmp_path, capsys):
         export(cases["dinov2-registers"]["ckpt"], tmp_path / "d", fmt="llava")
     with pytest.raises(PhivlmError, match="tiles"):
         export(cases["clip-tiles-phi"]["ckpt"], tmp_path / "e", fmt="llava")  # CLIP at its own size per tile else
+    with pytest.raises(PhivlmError, match="per slot"):
+        export(cases["clip-slots"]["ckpt"], tmp_path / "f", fmt="llava")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(PhivlmError, match="refusing"):

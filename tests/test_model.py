@@ -13,7 +13,7 @@ from phivlm.data.templates import IMAGE_TOKEN, encode, encode_prompt, get_templa
 from phivlm.generate import GenerationConfig, generate
 from phivlm.models import builtin
 from phivlm.models.lm import load_lm
-from phivlm.models.projector import PROJECTORS, ResidualBlock, ResidualProjector, build_projector
+from phivlm.models.projector import PROJECTORS, ResidualBlock, ResidualProjector, SlotEmbedding, build_projector
 from phivlm.models.vision import VisionTower
 from phivlm.models.vlm import IGNORE, IMAGE_ID, SEP_ID, PhiVLM
 from phivlm.errors import PhivlmError
@@ -70,6 +70,34 @@ def test_residual_projector_structure():
         ref = ref + b.fc2(F.gelu(b.fc1(F.layer_norm(ref, (64,), b.norm.weight, b.norm.bias, b.norm.eps))))
     torch.testing.assert_close(proj(x), ref)
     assert len(build_projector("residual", D_V, 64, 0).blocks) == 0
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "residual"])
+def test_slot_embedding_adds_each_slots_vector_scaled_by_the_token(name):
+    torch.manual_seed(0)
+    proj = build_projector(name, D_V, 64, 2, slots=P)
+    assert isinstance(proj, SlotEmbedding) and proj.slots.shape == (P, 64)
+    x = torch.randn(2, P, D_V)
+    x[:, 1] = x[:, 0]  # the same features in two slots
+    with torch.no_grad():
+        y, base = proj(x), proj.projector(x)
+        torch.testing.assert_close(y, base + base.pow(2).mean(-1, keepdim=True).sqrt() * proj.slots)
+        assert not torch.allclose(y[:, 0], y[:, 1], atol=1e-3)  # where a token lies is part of it
+        big = proj.projector(x) * 100  # a token 100x larger gets a 100x larger slot vector: the same share of it
+        torch.testing.assert_close((big + big.pow(2).mean(-1, keepdim=True).sqrt() * proj.slots) / 100, y)
+
+
+def test_vlm_with_slot_embedding_saves_and_folds_its_slots():
+    torch.manual_seed(0)
+    vlm = PhiVLM(load_lm("tiny-llama"), D_V, P, "residual", 2, slot_embedding=True)
+    assert "projector.slots" in vlm.trainable_state_dict()
+    feats = torch.randn(64, P, D_V) * 3 + 1
+    vlm.feature_norm.fit(feats)
+    with torch.no_grad():
+        normed = vlm.projector(vlm.feature_norm(feats[:2]))
+        vlm.fold_feature_norm()  # into the first Linear, inside the slot wrapper
+        torch.testing.assert_close(vlm.projector(feats[:2]), normed, atol=1e-4, rtol=1e-4)
+    assert "projector.slots" not in PhiVLM(load_lm("tiny-llama"), D_V, P).trainable_state_dict()
 
 
 def test_unknown_projector_lists_valid_names():

@@ -86,6 +86,16 @@ def test_image_slots_put_each_tile_after_its_marker(tiny_tok):
     assert tile_markers(4)[6] == " row 2 column 3:" and len(tile_markers(4)) == 16
 
 
+def test_image_slots_can_put_each_marker_after_its_tile(tiny_tok):
+    tiny_tok = tiny_tok["tiny-llama"]
+    assert image_slots(tiny_tok, 4, markers="after") == [IMAGE_ID] * 4 + [SEP_ID]  # no tiles: no markers
+    want: list[int] = []
+    for marker in (" top left;", " top right;", " bottom left;", " bottom right;"):
+        want += [IMAGE_ID] * 2 + tiny_tok(marker, add_special_tokens=False)["input_ids"]
+    assert image_slots(tiny_tok, 8, tiles=2, markers="after") == want + [SEP_ID]
+    assert tile_markers(3, after=True)[4] == " center;"
+
+
 def test_tiled_prompts_and_training_samples(tiny_tok):
     """The markers are unlabelled prompt text, in training and at inference alike; ``max_length`` still counts
     only the conversation's text."""
@@ -116,15 +126,16 @@ def test_a_tiled_run_trains_caches_and_answers(synth_data, tiny_config, tmp_path
 
     cfg = tiny_config(tmp_path / "run", synth_data["captions_train"], synth_data["images"], tmp_path / "features")
     cfg.model.vision, cfg.model.image_size, cfg.model.image_tokens, cfg.model.image_tiles = "tiny-dinov2", 84, 9, 3
+    cfg.model.tile_markers = "after"
     ckpt = train(cfg)
     tower = build_tower(cfg.model)
     store = FeatureStore(cache_dir(tmp_path / "features", tower, synth_data["images"]))
     assert store.meta["patches"] == 9 and len(store) > 0
     assistant = Assistant(ckpt, device="cpu", precision="fp32")
-    assert assistant.loaded.tower.tiles == 3 and assistant.slots == image_slots(assistant.tok, 9, 3)
+    assert assistant.loaded.tower.tiles == 3 and assistant.slots == image_slots(assistant.tok, 9, 3, "after")
     name = next(iter(store.index))
     feats = assistant.features([Image.open(Path(synth_data["images"]) / name).convert("RGB")])
     torch.testing.assert_close(feats, store.get([name]), atol=2e-3, rtol=2e-3)  # the cache is the tower's
     ids, _ = assistant._batch([[("user", assistant.first_turn("What is it?"))]])
     assert ids[0].tolist().count(IMAGE_ID) == 9
-    assert assistant.tok.decode(ids[0][ids[0] >= 0]).count("bottom right:") == 1
+    assert assistant.tok.decode(ids[0][ids[0] >= 0]).count("bottom right;") == 1

@@ -22,6 +22,7 @@ LM_TUNINGS = ("frozen", "lora", "qlora", "full")
 FSDP_MODES = ("none", "full", "grad-op")
 FEEDBACK = ("greedy", "sample")
 LR_SCHEDULES = ("cosine", "constant")
+TILE_MARKERS = ("before", "after")
 
 
 def opt(default, help: str, choices: tuple[str, ...] = (), names: tuple[str, ...] = (), kind: str = ""):
@@ -44,11 +45,16 @@ class ModelConfig:
                             "(per tile, with --image-tiles; 0 = every patch)")
     image_tiles: int = opt(0, "cut each image into an N x N grid of tiles encoded one by one at image-size / N px, "
                            "each tile's tokens after a text marker saying where it lies (0 = the whole image)")
+    tile_markers: str = opt("before", "where each tile's text marker goes: before the tile's image tokens, or "
+                            "after them, where the marker can take in what its tile shows", TILE_MARKERS)
     lm: str = opt("smollm2-135m", "language model: a built-in name (smollm2-135m, tiny-phi, tiny-llama), "
                   "a hub id or a local folder")
     projector: str = opt("residual", "projector from image features to LM embeddings",
                          names=("linear", "mlp2x_gelu", "residual"))
     projector_depth: int = opt(2, "residual blocks of the residual projector")
+    slot_embedding: bool = opt(False, "add a learned vector per image-token slot to the projected tokens, scaled "
+                               "by each token's size: where a token lies (with --image-tiles, its tile) becomes "
+                               "part of the token")
     trust_remote_code: bool = opt(False, "allow an LM that needs trust_remote_code to run its own Python code")
 
 

@@ -43,6 +43,8 @@ class Preset:
     lm_tuning: str  # stage 2
     batch: int = 16
     image_tiles: int = 0  # 0 = the whole image at once
+    tile_markers: str = "before"  # "after": each tile's marker after its token, where it can attend to the tile
+    slot_embedding: bool = False
     s1_lora_lr: float = 0.0  # > 0: stage 1 also trains LoRA adapters (at this lr), and stage 2 goes on with them
     # stage 1's lr after warm-up; constant: the caption loss's late drop (~0.43 -> 0.3, when colour and shape of
     # several objects are learned) happens at full lr instead of at cosine's tail
@@ -76,6 +78,7 @@ def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunCon
     s1 = stage_defaults("pretrain")
     s1.model.vision, s1.model.lm, s1.model.feature_layer = p.vision, p.lm, p.feature_layer
     s1.model.image_size, s1.model.image_tokens, s1.model.image_tiles = p.image_size, p.image_tokens, p.image_tiles
+    s1.model.tile_markers, s1.model.slot_embedding = p.tile_markers, p.slot_embedding
     s1.data.data, s1.data.images = data["captions_train"], data["images"]
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch

@@ -39,7 +39,8 @@ class Assistant:
         self.template = get_template(self.cfg.data.template)
         tok, tower = self.loaded.tok, self.loaded.tower
         self.eos_ids = {tok.eos_token_id}
-        self.slots = image_slots(tok, tower.num_patches, tower.tiles)  # what <image> becomes in a prompt
+        # what <image> becomes in a prompt
+        self.slots = image_slots(tok, tower.num_patches, tower.tiles, self.cfg.model.tile_markers)
 
     @property
     def tok(self):

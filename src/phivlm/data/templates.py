@@ -135,23 +135,28 @@ _TILE_NAMES = {2: ("top left", "top right", "bottom left", "bottom right"),
                3: ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")}
 
 
-def tile_markers(tiles: int) -> list[str]:
-    """The text before each tile's image tokens (``--image-tiles``), row-major: where the tile lies, in words
-    (" top left:"), so the LM reads it as text it knows and an answer can copy it. Measured on the demo
-    (3x3 tiles): position answers 43% right with these markers, 26% with " r1c1:"-style ones."""
+def tile_markers(tiles: int, after: bool = False) -> list[str]:
+    """Each tile's text marker (``--image-tiles``), row-major: where the tile lies, in words, so the LM reads it as
+    text it knows and an answer can copy it: " top left:" before the tile's image tokens, or " top left;" after
+    them (``--tile-markers after``). Measured on the demo (3x3 tiles): position answers 43% right with markers
+    before, 26% with " r1c1:"-style ones. After its tile, a marker can attend to the tile and take in what it
+    shows; before it, the tile token itself would have to take in the marker, and projected image tokens are too
+    large for the LM's layers to change (see ``SlotEmbedding``)."""
     names = _TILE_NAMES.get(tiles) or [f"row {r + 1} column {c + 1}" for r in range(tiles) for c in range(tiles)]
-    return [f" {name}:" for name in names]
+    return [f" {name};" if after else f" {name}:" for name in names]
 
 
-def image_slots(tok, n_tokens: int, tiles: int = 1) -> list[int]:
+def image_slots(tok, n_tokens: int, tiles: int = 1, markers: str = "before") -> list[int]:
     """The ids one ``<image>`` becomes: ``n_tokens`` image slots (``IMAGE_ID``) and the separator (``SEP_ID``);
-    with ``tiles`` > 1, each of the tiles x tiles tiles' share of the slots after its marker (``tile_markers``)."""
+    with ``tiles`` > 1, each of the tiles x tiles tiles' share of the slots with its marker (``tile_markers``)
+    ``markers`` ("before" | "after") them."""
     if tiles <= 1:
         return [IMAGE_ID] * n_tokens + [SEP_ID]
     per_tile = n_tokens // tiles ** 2
     ids: list[int] = []
-    for marker in tile_markers(tiles):
-        ids += tok(marker, add_special_tokens=False)["input_ids"] + [IMAGE_ID] * per_tile
+    for marker in tile_markers(tiles, markers == "after"):
+        marker_ids = tok(marker, add_special_tokens=False)["input_ids"]
+        ids += [IMAGE_ID] * per_tile + marker_ids if markers == "after" else marker_ids + [IMAGE_ID] * per_tile
     return ids + [SEP_ID]
 
 

@@ -147,6 +147,8 @@ def model_card(cfg: RunConfig, fmt: str, source: Path, lm_tuning: str, prompt_ex
     projector = PROJECTORS.get(m.projector, m.projector).format(depth=m.projector_depth)
     if fmt == "llava":
         projector += f"; {LLAVA_PROJECTOR[m.projector]}"
+    if m.slot_embedding:
+        projector += "; then a learned vector per image-token slot, scaled by the token's RMS (`SlotEmbedding`)"
     out += ["## Model", "",
             "| part | |", "|---|---|",
             f"| vision tower | {vision_text(m.vision, m.feature_layer, parts)} |",

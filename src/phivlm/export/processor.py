@@ -106,9 +106,10 @@ def token_layout(parts) -> dict:
     return layout
 
 
-def build_processor(tok, image_processor, template: str, parts):
+def build_processor(tok, image_processor, template: str, parts, markers_after: bool = False):
     """The processor (``tok`` must already hold the image tokens) with phivlm's prompt format: a
-    ``LlavaProcessor`` (``token_layout`` counts its image tokens), or for a tiled image a ``PhivlmProcessor``."""
+    ``LlavaProcessor`` (``token_layout`` counts its image tokens), or for a tiled image a ``PhivlmProcessor``
+    (``markers_after``: each tile's marker after its image tokens)."""
     from transformers import LlavaProcessor
 
     from ..hf.processing import PhivlmProcessor
@@ -117,8 +118,9 @@ def build_processor(tok, image_processor, template: str, parts):
     tok.chat_template = chat_template  # one template whichever object a user asks
     if parts.tiles > 1:
         return PhivlmProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
-                               image_token=IMAGE_TOKEN, tile_markers=tile_markers(parts.tiles),
-                               tokens_per_tile=parts.num_image_tokens // parts.tiles ** 2)
+                               image_token=IMAGE_TOKEN, tile_markers=tile_markers(parts.tiles, markers_after),
+                               tokens_per_tile=parts.num_image_tokens // parts.tiles ** 2,
+                               markers_after=markers_after)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
                           image_token=IMAGE_TOKEN, **token_layout(parts))
 

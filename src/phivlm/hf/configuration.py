@@ -30,6 +30,7 @@ class PhivlmConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     projector: str = "residual"  # a name in phivlm.models.projector.PROJECTORS
     projector_depth: int = 2
+    slot_embedding: bool = False  # a learned vector per image-token slot after the projector (SlotEmbedding)
     vision_feature_layer: int = -2  # hidden-state index
     vision_prefix_tokens: int = 1  # leading non-patch tokens dropped (CLIP/DINOv2: CLS = 1; SigLIP: 0; + registers)
     image_grid_side: int = 0  # patch grid average-pooled to side x side tokens; 0 = not pooled

@@ -55,6 +55,7 @@ class Parts:
     image_token_id: int
     image_sep_token_id: int
     tiles: int = 1  # the image cut into tiles x tiles tiles, each encoded alone
+    slot_embedding: bool = False  # the projector ends with a SlotEmbedding
 
     @property
     def lm_vocab_size(self) -> int:
@@ -107,6 +108,8 @@ class Llava(ExportFormat):
         if parts.projector_name not in self.PROJECTOR_ACT:
             return (f"Llava's projector is Linear-act-Linear; the {parts.projector_name!r} projector needs "
                     "--format phivlm")
+        if parts.slot_embedding:
+            return "the projected image tokens get a learned vector per slot (--slot-embedding), which Llava has not"
         bias = _output_bias(parts.lm)
         if bias is not None and bool(bias.detach().abs().gt(0).any()):
             return "the LM's output layer has a bias, which LlavaForConditionalGeneration does not hold"
@@ -207,7 +210,8 @@ class Phivlm(ExportFormat):
 
         config = PhivlmConfig(vision_config=copy.deepcopy(parts.vision.config),
                               text_config=copy.deepcopy(parts.lm.config), projector=parts.projector_name,
-                              projector_depth=parts.projector_depth, vision_feature_layer=parts.feature_layer,
+                              projector_depth=parts.projector_depth, slot_embedding=parts.slot_embedding,
+                              vision_feature_layer=parts.feature_layer,
                               vision_prefix_tokens=parts.prefix,
                               image_grid_side=parts.pooled_side if parts.pooled else 0,
                               interpolate_pos_encoding=parts.interpolate,

@@ -31,7 +31,8 @@ class PhivlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         d_lm = config.text_config.hidden_size
         self.projector = build_projector(config.projector, config.vision_config.hidden_size, d_lm,
-                                         config.projector_depth)
+                                         config.projector_depth,
+                                         config.image_seq_length if config.slot_embedding else 0)
         self.separator = nn.Parameter(torch.zeros(d_lm))
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()

@@ -65,7 +65,8 @@ def build_vlm(cfg: RunConfig, d_vision: int, n_patches: int, device: torch.devic
     if adapter is not None and cfg.tuning.lm_tuning not in ("lora", "qlora"):
         raise PhivlmError(f"{init}: holds a LoRA adapter but --lm-tuning is {cfg.tuning.lm_tuning!r}")
     lm = apply_tuning(lm, cfg.tuning, str(adapter) if adapter else None, trainable)
-    vlm = PhiVLM(lm, d_vision, n_patches, cfg.model.projector, cfg.model.projector_depth)
+    vlm = PhiVLM(lm, d_vision, n_patches, cfg.model.projector, cfg.model.projector_depth,
+                 cfg.model.slot_embedding)
     if init is not None:
         load_projector(vlm, init)
     return vlm.to(device), tok

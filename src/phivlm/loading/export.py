@@ -54,7 +54,8 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     tower.random_weights = builtin.is_random_vision(cfg.model.vision)
     if tower.random_weights:
         log.warning(builtin.RANDOM_VISION_WARNING.format(name=cfg.model.vision))
-    vlm = PhiVLM(lm, tower.hidden_size, tower.num_patches, cfg.model.projector, cfg.model.projector_depth)
+    vlm = PhiVLM(lm, tower.hidden_size, tower.num_patches, cfg.model.projector, cfg.model.projector_depth,
+                 cfg.model.slot_embedding)
     with torch.no_grad():
         vlm.projector.load_state_dict(projector_state)
         vlm.separator.copy_(separator)

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import decoder as fast
 from . import unpadded
+from .norms import fuse_rms_norms
 from .projector import build_projector
 
 IMAGE_ID = -1
@@ -50,13 +51,14 @@ class FeatureNorm(nn.Module):
 
 class PhiVLM(nn.Module):
     def __init__(self, lm: nn.Module, d_vision: int, num_image_tokens: int, projector: str = "residual",
-                 projector_depth: int = 2):
+                 projector_depth: int = 2, slot_embedding: bool = False):
         super().__init__()
         self.lm = lm
         d_lm = lm.get_input_embeddings().embedding_dim
         self.num_image_tokens = num_image_tokens
         self.feature_norm = FeatureNorm(d_vision)
-        self.projector = build_projector(projector, d_vision, d_lm, projector_depth)
+        self.projector = build_projector(projector, d_vision, d_lm, projector_depth,
+                                         num_image_tokens if slot_embedding else 0)
         std = lm.get_input_embeddings().weight.detach().float().std().item()
         self.separator = nn.Parameter(torch.randn(d_lm) * std)
         self.decoder: fast.Decoder | None = None  # set by prepare_decoding
@@ -143,11 +145,12 @@ class PhiVLM(nn.Module):
 
     @torch.no_grad()
     def prepare_training(self, dtype: torch.dtype | None) -> None:
-        """For training: hold the frozen LM weights in the compute dtype (None: leave them, e.g. fp32 or sharded)
-        and, where the LM runs eager attention, compute its position-wise work on real tokens only
-        (``models.unpadded``). Same loss and gradients."""
+        """For training: hold the frozen LM weights in the compute dtype (None: leave them, e.g. fp32 or sharded),
+        run its RMSNorms fused (``models.norms``) and, where the LM runs eager attention, compute its position-wise
+        work on real tokens only (``models.unpadded``). Same loss and gradients."""
         if dtype is not None:
             self.hold_weights_in(dtype)
+        fuse_rms_norms(self.base_lm)
         if unpadded.supports(self.base_lm):
             unpadded.use(self.base_lm)
 

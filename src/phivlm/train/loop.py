@@ -54,7 +54,7 @@ def load_data(cfg: RunConfig, tower: VisionTower, path: str, template, tok, devi
             raise PhivlmError(f"{bad[0]['reason']} (use --skip-bad to skip bad images)")
         skipped += [{"file": path, "record": b["image"], "reason": b["reason"]} for b in bad]
         samples = [s for s in samples if s.image in store]
-    slots = image_slots(tok, tower.num_patches, tower.tiles)
+    slots = image_slots(tok, tower.num_patches, tower.tiles, cfg.model.tile_markers)
     ds = VLMDataset(samples, template, tok, slots, cfg.data.max_length, cfg.data.skip_bad,
                     skipped, source=path)
     if len(ds) == 0:
