@@ -33,6 +33,9 @@ def test_stage_configs_chain_stage1_into_lora_stage2(tmp_path):
         data["instruct_train"], p.s2_template, "lora", p.lora_dropout)
     assert (s2.train.max_steps, s2.train.lr, s2.train.lm_lr) == (p.s2_steps, p.s2_lr, p.s2_lr)
     assert s1.data.features == s2.data.features  # one feature cache serves both stages
+    # the image layout is the model's: both stages (and every later command, from the checkpoint) share it
+    assert (s1.model.tile_markers, s1.model.slot_embedding) == (s2.model.tile_markers, s2.model.slot_embedding) \
+        == (p.tile_markers, p.slot_embedding) == ("after", True)
 
 
 def test_stopped_at_eos_counts_answers_shorter_than_the_cap(tmp_path):

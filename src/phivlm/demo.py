@@ -65,7 +65,7 @@ PRESETS = {
     # slot embedding. LoRA from stage 1 on: with the LM frozen in stage 1, the same recipe read one-object scenes
     # only (53% overall); tile tokens alone, without LoRA in stage 1, or LoRA in stage 1 on whole-image tokens,
     # each scored 43-53%
-    "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=180, s1_lr=5e-3, s2_steps=160,
+    "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=180, s1_lr=5e-3, s2_steps=220,
                       s2_lr=1e-3, lm_tuning="lora", image_tiles=3, tile_markers="after", slot_embedding=True,
                       s1_lora_lr=1e-3, s1_schedule="constant", ref_s=1230),
     "long": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 4000, s1_steps=300, s1_lr=5e-3, s2_steps=450,
