@@ -67,10 +67,10 @@ PRESETS = {
     # each scored 43-53%
     "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=180, s1_lr=5e-3, s2_steps=220,
                       s2_lr=1e-3, lm_tuning="lora", image_tiles=3, tile_markers="after", slot_embedding=True,
-                      s1_lora_lr=1e-3, s1_schedule="constant", ref_s=1230),
+                      s1_lora_lr=1e-3, s1_schedule="constant", ref_s=800),
     "long": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 4000, s1_steps=300, s1_lr=5e-3, s2_steps=450,
                    s2_lr=1e-3, lm_tuning="lora", image_tiles=3, tile_markers="after", slot_embedding=True,
-                   s1_lora_lr=1e-3, s1_schedule="constant", ref_s=3300),
+                   s1_lora_lr=1e-3, s1_schedule="constant", ref_s=2150),
     "tiny": Preset("tiny-clip", "tiny-llama", 0, 0, -2, 300, s1_steps=40, s1_lr=1e-3, s2_steps=120, s2_lr=3e-3,
                    lm_tuning="full", s2_template="auto", ref_s=60),
 }
