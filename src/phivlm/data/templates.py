@@ -139,9 +139,9 @@ def tile_markers(tiles: int, after: bool = False) -> list[str]:
     """Each tile's text marker (``--image-tiles``), row-major: where the tile lies, in words, so the LM reads it as
     text it knows and an answer can copy it: " top left:" before the tile's image tokens, or " top left;" after
     them (``--tile-markers after``). Measured on the demo (3x3 tiles): position answers 43-56% right with markers
-    before (26% with " r1c1:"-style ones), 100% with markers after. After its tile, a marker can attend to the tile and take in what it
-    shows; before it, the tile token itself would have to take in the marker, and projected image tokens are too
-    large for the LM's layers to change (see ``SlotEmbedding``)."""
+    before (26% with " r1c1:"-style ones), 100% with markers after. After its tile, a marker can attend to the
+    tile and take in what it shows; before it, the tile token itself would have to take in the marker, and
+    projected image tokens are too large for the LM's layers to change (see ``SlotEmbedding``)."""
     names = _TILE_NAMES.get(tiles) or [f"row {r + 1} column {c + 1}" for r in range(tiles) for c in range(tiles)]
     return [f" {name};" if after else f" {name}:" for name in names]
 
