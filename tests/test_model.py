@@ -72,6 +72,15 @@ def test_residual_projector_structure():
     assert len(build_projector("residual", D_V, 64, 0).blocks) == 0
 
 
+class Times(nn.Module):
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x * self.k
+
+
 @pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "residual"])
 def test_slot_embedding_adds_each_slots_vector_scaled_by_the_token(name):
     torch.manual_seed(0)
@@ -83,8 +92,10 @@ def test_slot_embedding_adds_each_slots_vector_scaled_by_the_token(name):
         y, base = proj(x), proj.projector(x)
         torch.testing.assert_close(y, base + base.pow(2).mean(-1, keepdim=True).sqrt() * proj.slots)
         assert not torch.allclose(y[:, 0], y[:, 1], atol=1e-3)  # where a token lies is part of it
-        big = proj.projector(x) * 100  # a token 100x larger gets a 100x larger slot vector: the same share of it
-        torch.testing.assert_close((big + big.pow(2).mean(-1, keepdim=True).sqrt() * proj.slots) / 100, y)
+        # a projector whose tokens are 100x larger gets 100x larger slot vectors: the same share of each token
+        bigger = SlotEmbedding(nn.Sequential(proj.projector, Times(100.0)), P, 64)
+        bigger.slots.copy_(proj.slots)
+        torch.testing.assert_close(bigger(x) / 100, y)
 
 
 def test_vlm_with_slot_embedding_saves_and_folds_its_slots():

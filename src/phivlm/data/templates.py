@@ -152,11 +152,11 @@ def image_slots(tok, n_tokens: int, tiles: int = 1, markers: str = "before") -> 
     ``markers`` ("before" | "after") them."""
     if tiles <= 1:
         return [IMAGE_ID] * n_tokens + [SEP_ID]
-    per_tile = n_tokens // tiles ** 2
+    tile, after = [IMAGE_ID] * (n_tokens // tiles ** 2), markers == "after"
     ids: list[int] = []
-    for marker in tile_markers(tiles, markers == "after"):
+    for marker in tile_markers(tiles, after):
         marker_ids = tok(marker, add_special_tokens=False)["input_ids"]
-        ids += [IMAGE_ID] * per_tile + marker_ids if markers == "after" else marker_ids + [IMAGE_ID] * per_tile
+        ids += tile + marker_ids if after else marker_ids + tile
     return ids + [SEP_ID]
 
 

@@ -114,10 +114,10 @@ def _assemble(loaded: Loaded):
     vlm.fold_feature_norm()  # the exported projector takes the tower's raw features
     parts = Parts(lm=vlm.base_lm, projector=vlm.projector, separator=vlm.separator.detach(),
                   projector_name=cfg.model.projector, projector_depth=cfg.model.projector_depth,
-                  slot_embedding=cfg.model.slot_embedding,
+                  markers_after=cfg.model.tile_markers == "after",
                   feature_layer=cfg.model.feature_layer, image_token_id=img, image_sep_token_id=sep,
                   **vision_parts(tower, vision))
     slots = image_slots(loaded.tok, tower.num_patches, tower.tiles, cfg.model.tile_markers)
-    processor = build_processor(tok, tower.processor, cfg.data.template, parts, cfg.model.tile_markers == "after")
+    processor = build_processor(tok, tower.processor, cfg.data.template, parts)
     check_prompts(processor, loaded.tok, cfg.data.template, slots, tower.image_size)
     return processor, parts

@@ -106,10 +106,9 @@ def token_layout(parts) -> dict:
     return layout
 
 
-def build_processor(tok, image_processor, template: str, parts, markers_after: bool = False):
+def build_processor(tok, image_processor, template: str, parts):
     """The processor (``tok`` must already hold the image tokens) with phivlm's prompt format: a
-    ``LlavaProcessor`` (``token_layout`` counts its image tokens), or for a tiled image a ``PhivlmProcessor``
-    (``markers_after``: each tile's marker after its image tokens)."""
+    ``LlavaProcessor`` (``token_layout`` counts its image tokens), or for a tiled image a ``PhivlmProcessor``."""
     from transformers import LlavaProcessor
 
     from ..hf.processing import PhivlmProcessor
@@ -118,9 +117,9 @@ def build_processor(tok, image_processor, template: str, parts, markers_after: b
     tok.chat_template = chat_template  # one template whichever object a user asks
     if parts.tiles > 1:
         return PhivlmProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
-                               image_token=IMAGE_TOKEN, tile_markers=tile_markers(parts.tiles, markers_after),
+                               image_token=IMAGE_TOKEN, tile_markers=tile_markers(parts.tiles, parts.markers_after),
                                tokens_per_tile=parts.num_image_tokens // parts.tiles ** 2,
-                               markers_after=markers_after)
+                               markers_after=parts.markers_after)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=chat_template,
                           image_token=IMAGE_TOKEN, **token_layout(parts))
 

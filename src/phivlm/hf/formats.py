@@ -55,7 +55,14 @@ class Parts:
     image_token_id: int
     image_sep_token_id: int
     tiles: int = 1  # the image cut into tiles x tiles tiles, each encoded alone
-    slot_embedding: bool = False  # the projector ends with a SlotEmbedding
+    markers_after: bool = False  # each tile's text marker after its image tokens (--tile-markers after)
+
+    @property
+    def slot_embedding(self) -> bool:
+        """Whether the projector ends with a learned vector per image-token slot."""
+        from ..models.projector import SlotEmbedding
+
+        return isinstance(self.projector, SlotEmbedding)
 
     @property
     def lm_vocab_size(self) -> int:
