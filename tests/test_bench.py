@@ -17,12 +17,13 @@ FIGURES = {
     "stage1": ["speedup", "speedup_cpu"],
     "stage2": ["speedup", "speedup_cpu"],
     "features": ["speedup"],
+    "demo_features": ["speedup"],
     "generation": ["speedup", "speedup_tokens_per_s", "speedup_ttft"],
 }
 TRAINING = ["step_s", "step_cpu_s", "samples_per_s", "tokens_per_s", "flops_per_step", "forward_flops_per_step",
             "backward_flops_per_step", "achieved_gflops", "mfu", "mfu_vs_adjacent_probe", "trainable_params"]
 PER_CONTENDER = {"stage1": TRAINING, "stage2": TRAINING, "features": ["images_per_s"],
-                 "generation": ["total_s", "ttft_s", "tokens_per_s", "end_to_end_tokens_per_s"]}
+                 "demo_features": ["images_per_s"], "generation": ["total_s", "ttft_s", "tokens_per_s", "end_to_end_tokens_per_s"]}
 
 
 def positive(x) -> bool:
@@ -84,3 +85,13 @@ def test_table_renders(quick):
 
     text = table(quick)
     assert text.count("\n") >= 15 and "stage 2 (LoRA): samples/s" in text and "nan" not in text
+    assert "feature caching, demo tower (tiny-dinov2, 56 px, 2×2 tiles): images/s" in text
+
+
+def test_demo_tower_is_the_demos_default():
+    from phivlm.bench.env import demo_tower
+    from phivlm.demo import PRESETS
+
+    p, t = PRESETS["default"], demo_tower(quick=False)
+    assert (t["name"], t["feature_layer"], t["image_size"], t["image_tokens"], t["tiles"]) == (
+        p.vision, p.feature_layer, p.image_size, p.image_tokens, p.image_tiles)

@@ -61,8 +61,18 @@ def test_host_report_names_precision_and_estimate(monkeypatch):
     p = PRESETS["default"]
     text = demo.host_report(p)
     assert "precision: fp32 (the CPU has no native bf16)" in text
-    assert f"~{p.ref_s * (demo.REF_GFLOPS / 100.0) ** 0.5 / 60:.0f} min" in text
+    assert f"~{p.ref_fp32_s * demo.REF_GFLOPS['fp32'] / 100.0 / 60:.0f} min" in text
     assert "threads" in text and "capability" in text
+
+
+def test_estimates_scale_with_the_probe_of_the_precision_run():
+    from phivlm.demo import REF_GFLOPS, estimated_s
+
+    p = PRESETS["default"]
+    assert estimated_s(p, "bf16", REF_GFLOPS["bf16"]) == p.ref_s
+    assert estimated_s(p, "fp32", REF_GFLOPS["fp32"]) == p.ref_fp32_s
+    assert estimated_s(p, "fp32", REF_GFLOPS["fp32"] / 2) == 2 * p.ref_fp32_s  # fp32 steps: matmul-bound
+    assert estimated_s(p, "bf16", REF_GFLOPS["bf16"] / 4) == 2 * p.ref_s
 
 
 def test_presets_run_the_pretrained_tower_in_the_hosts_precision():

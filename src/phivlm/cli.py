@@ -149,7 +149,8 @@ def add_demo_and_bench(sub) -> None:
     s = command(sub, "bench", "speed and memory against the transformers Llava reference (see BENCHMARKS.md)")
     s.add_argument("--quick", action="store_true", help="tiny models, a smoke run of seconds")
     s.add_argument("--out", help="write every figure to this JSON file")
-    s.add_argument("--figures", default="stage1,stage2,features,generation", help="comma-separated subset")
+    s.add_argument("--figures", default="stage1,stage2,features,demo_features,generation",
+                   help="comma-separated subset")
     s.add_argument("--threads", type=int, default=0, help="torch threads for both contenders (default: "
                                                           "OMP_NUM_THREADS, else torch's choice)")
     s.add_argument("--rounds", type=int, default=0, help="timed rounds per figure (default 4; 2 with --quick)")

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 EVAL_IMAGES = 60  # held-out images asked every question about them (~7 each), with right and shuffled images
 
 
-# matmul probe of the reference host: AMD EPYC (Zen 4, AVX512-BF16), 2 cores, bf16
-REF_GFLOPS = 398.0
+# matmul probes (``matmul_gflops``) of the hosts that calibrate the time estimates, 2 cores: bf16 on an AMD EPYC
+# (Zen 4, AVX512-BF16); fp32 on an AMD EPYC with ATen and oneDNN held to AVX2 (an approximation of an AVX2-only CPU)
+REF_GFLOPS = {"bf16": 398.0, "fp32": 164.0}
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,11 @@ class Preset:
     # with its system prompt, and LoRA dropout costs ~30% of a CPU step (one RNG mask per adapted layer)
     s2_template: str = "plain"
     lora_dropout: float = 0.0
-    # the time estimate: wall seconds measured on the reference host (REF_GFLOPS), scaled by the square root of
-    # the probe ratio (measured there: bf16 vs fp32 probes differ 2.1x, training steps 1.45x)
+    # the time estimate: wall seconds on the reference host of the precision (REF_GFLOPS); bf16 scales by the square
+    # root of the probe ratio (measured there: bf16 vs fp32 probes differ 2.1x, training steps 1.45x), fp32 by the
+    # ratio itself (fp32 steps run at ~70% of the probe's rate: matmul-bound)
     ref_s: float = 0.0
+    ref_fp32_s: float = 0.0
 
 
 PRESETS = {
@@ -67,12 +70,12 @@ PRESETS = {
     # each scored 43-53%
     "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=180, s1_lr=5e-3, s2_steps=220,
                       s2_lr=1e-3, lm_tuning="lora", image_tiles=3, tile_markers="after", slot_embedding=True,
-                      s1_lora_lr=1e-3, s1_schedule="constant", ref_s=800),
+                      s1_lora_lr=1e-3, s1_schedule="constant", ref_s=800, ref_fp32_s=1900),
     "long": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 4000, s1_steps=300, s1_lr=5e-3, s2_steps=450,
                    s2_lr=1e-3, lm_tuning="lora", image_tiles=3, tile_markers="after", slot_embedding=True,
-                   s1_lora_lr=1e-3, s1_schedule="constant", ref_s=2150),
+                   s1_lora_lr=1e-3, s1_schedule="constant", ref_s=2150, ref_fp32_s=3600),
     "tiny": Preset("tiny-clip", "tiny-llama", 0, 0, -2, 300, s1_steps=40, s1_lr=1e-3, s2_steps=120, s2_lr=3e-3,
-                   lm_tuning="full", s2_template="auto", ref_s=60),
+                   lm_tuning="full", s2_template="auto", ref_s=60, ref_fp32_s=60),
 }
 
 
@@ -136,10 +139,16 @@ def host_report(preset: Preset) -> str:
                platform.processor() or "unknown CPU")
     precision, why = choose_precision("auto", torch.device("cpu"))
     gflops = matmul_gflops(precision)
-    est = preset.ref_s * (REF_GFLOPS / gflops) ** 0.5
     return (f"host: {cpu}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; {torch.get_num_threads()} "
             f"threads\nprecision: {precision} ({why}); matmul probe {gflops:.0f} GFLOP/s\n"
-            f"estimated time: ~{est / 60:.0f} min")
+            f"estimated time: ~{estimated_s(preset, precision, gflops) / 60:.0f} min")
+
+
+def estimated_s(preset: Preset, precision: str, gflops: float) -> float:
+    """The demo's wall time on a host whose ``precision`` matmul probe gives ``gflops``."""
+    if precision == "bf16":
+        return preset.ref_s * (REF_GFLOPS["bf16"] / gflops) ** 0.5
+    return preset.ref_fp32_s * REF_GFLOPS["fp32"] / gflops
 
 
 def run_demo(args) -> int:

@@ -12,13 +12,25 @@ import torch
 from ..errors import PhivlmError
 from .measure import MatmulPeak
 
-FIGURES = ("stage1", "stage2", "features", "generation")
+FIGURES = ("stage1", "stage2", "features", "demo_features", "generation")
 PRESETS = {
     "full": dict(vision="clip-vit-b32", lm="smollm2-135m", batch_size=8, batches=2, rounds=4, images=64,
                  feature_batch=32, new_tokens=32, matmul_n=2048, matmul_s=0.3),
     "quick": dict(vision="tiny-clip", lm="tiny-llama", batch_size=4, batches=2, rounds=2, images=16,
                   feature_batch=4, new_tokens=4, matmul_n=256, matmul_s=0.02),
 }
+
+
+def demo_tower(quick: bool) -> dict:
+    """``VisionTower`` settings of the tower ``phivlm demo`` trains on (its default preset), whose feature caching
+    the ``demo_features`` figure measures; a tiny DINOv2 with registers, tiled the same way, for ``--quick``."""
+    if quick:
+        return dict(name="tiny-dinov2", feature_layer=-2, image_size=56, image_tokens=4, tiles=2)
+    from ..demo import PRESETS
+
+    p = PRESETS["default"]
+    return dict(name=p.vision, feature_layer=p.feature_layer, image_size=p.image_size, image_tokens=p.image_tokens,
+                tiles=p.image_tiles)
 
 
 @dataclass
@@ -83,7 +95,7 @@ class Env:
         names = sorted(p.name for p in Path(self.images).iterdir())
         self.image_names = names
         self.store, _ = build_features(self.tower, self.images, names, work / "features",
-                                       batch_size=cfg.feature_batch)
+                                       batch_size=cfg.feature_batch, precision="auto")
         self.peak = MatmulPeak(cfg.matmul_n, cfg.matmul_s)
         self.loads: list[float] = [os.getloadavg()[0]]
 
@@ -91,10 +103,11 @@ class Env:
         self.peak.probe()
         self.loads.append(os.getloadavg()[0])
 
-    def pixels(self, names: list[str]) -> torch.Tensor:
+    def pixels(self, names: list[str], tower=None) -> torch.Tensor:
+        """The images ``names`` preprocessed for ``tower`` (default: the bench's)."""
         from ..data.images import image_path, open_rgb
 
-        return self.tower.preprocess([open_rgb(image_path(self.images, n)) for n in names])
+        return (tower or self.tower).preprocess([open_rgb(image_path(self.images, n)) for n in names])
 
     def autocast(self):
         """Both contenders in the precision ``auto`` picks on this host (bf16 only where the CPU has it)."""

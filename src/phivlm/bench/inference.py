@@ -1,4 +1,5 @@
-"""Bench figures 4-5: feature caching (``build_features`` against the bare CLIP forward) and generation
+"""Bench figures 4-5: feature caching (``build_features`` against the bare forward of the tower's model, for the
+bench's CLIP and the demo's tower) and generation
 (``phivlm.generate`` against ``LlavaForConditionalGeneration.generate``)."""
 from __future__ import annotations
 
@@ -14,39 +15,63 @@ from ..runtime import compute_dtype
 from . import measure
 from .measure import interleave, memory, paired_ratio
 from .profiling import profile_calls
-from .env import Env, make_vlm
+from .env import Env, demo_tower, make_vlm
 
 log = logging.getLogger("phivlm.bench")
 PROMPT = "<image>\nDescribe the image in detail."
 
 
 def features_figure(env: Env) -> dict:
+    """``build_features`` with the bench's tower against the bare ``CLIPVisionModel`` forward (every layer)."""
+    return _feature_caching(env, env.tower, env.clip, "features")
+
+
+def demo_features_figure(env: Env) -> dict:
+    """``build_features`` with the demo's tower (``env.demo_tower``: its image size, tiles, pooling and feature
+    layer) against that model's bare forward, every layer, on the same preprocessed tiles."""
+    from transformers import AutoModel
+
+    from ..models import builtin
+    from ..models.vision import VisionTower
+
+    spec = demo_tower(env.cfg.quick)
+    tower = VisionTower(spec["name"], spec["feature_layer"], image_size=spec["image_size"],
+                        image_tokens=spec["image_tokens"], tiles=spec["tiles"])
+    bare = AutoModel.from_pretrained(builtin.resolve(spec["name"]), dtype=torch.float32, use_safetensors=True).eval()
+    out = _feature_caching(env, tower, bare, "demo_features")
+    out["tower"] = spec
+    return out
+
+
+def _feature_caching(env: Env, tower, bare, figure: str) -> dict:
     from ..data.features import build_features
+    from ..models.vision import split_tiles
 
     cfg = env.cfg
     names = env.image_names
-    pixels = env.pixels(names)
+    tiles = split_tiles(env.pixels(names, tower), tower.tiles)  # what the model sees: tiles, if any
+    per_batch = cfg.feature_batch * tower.tiles ** 2
     roots: list[Path] = []
 
     def phivlm_features(r: int) -> None:
-        root = env.work / f"bench-features-{len(roots)}"
+        root = env.work / f"bench-{figure}-{len(roots)}"
         roots.append(root)
-        build_features(env.tower, env.images, names, root, batch_size=cfg.feature_batch)
+        build_features(tower, env.images, names, root, batch_size=cfg.feature_batch, precision="auto")
 
     @torch.no_grad()
     def bare_forward(r: int) -> None:
         with env.autocast():
-            for chunk in pixels.split(cfg.feature_batch):
-                env.clip(pixel_values=chunk)
+            for chunk in tiles.split(per_batch):
+                bare(pixel_values=chunk)
 
     fns = {"phivlm": phivlm_features, "reference": bare_forward}
     for fn in fns.values():
         fn(-1)
-    mem = {"phivlm": memory(lambda: phivlm_features(-1), env.tower.model),
-           "reference": memory(lambda: bare_forward(-1), env.clip)}
-    log.info("features: %d interleaved rounds of %d images", cfg.rounds, len(names))
+    mem = {"phivlm": memory(lambda: phivlm_features(-1), tower.model),
+           "reference": memory(lambda: bare_forward(-1), bare)}
+    log.info("%s: %d interleaved rounds of %d images", figure, cfg.rounds, len(names))
     timing = interleave(fns, cfg.rounds)
-    prof = profile_calls(env, "features", {k: (lambda fn=fn: fn(-1)) for k, fn in fns.items()})
+    prof = profile_calls(env, figure, {k: (lambda fn=fn: fn(-1)) for k, fn in fns.items()})
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
     out = {"images": len(names), "batch_size": cfg.feature_batch}

@@ -48,6 +48,13 @@ def table(res: dict) -> str:
         rows.append(f"| feature caching: images/s (phivlm: files → shards; reference: bare forward) | "
                     f"{_f(p['images_per_s'], 1)} | {_f(r['images_per_s'], 1)} | {s['speedup']:.2f}× | |")
         rows.append(_memory_row("feature caching", p, r))
+    if "demo_features" in res:
+        s = res["demo_features"]
+        p, r, t = s["phivlm"], s["reference"], s["tower"]
+        title = f"feature caching, demo tower ({t['name']}, {t['image_size']} px, {t['tiles']}×{t['tiles']} tiles)"
+        rows.append(f"| {title}: images/s | {_f(p['images_per_s'], 1)} | {_f(r['images_per_s'], 1)} | "
+                    f"{s['speedup']:.2f}× | |")
+        rows.append(_memory_row(title, p, r))
     if "generation" in res:
         s = res["generation"]
         p, r = s["phivlm"], s["reference"]

@@ -9,7 +9,8 @@ Figures (each measured in one run; contenders alternate ABBA round by round, so 
 3. MFU — matmul FLOPs actually done per step (``measure.MatmulFlops``) per second over the bf16 matmul peak
    probed between rounds on the same cores;
 4. feature caching — ``build_features`` (decode, preprocess, encode, write shards) against the bare
-   ``CLIPVisionModel`` forward on the same images, already preprocessed;
+   ``CLIPVisionModel`` forward on the same images, already preprocessed; and the same for the demo's tower
+   (``dinov2-small`` at the demo's size, tiles, pooling and feature layer) against ``Dinov2Model``'s bare forward;
 5. generation — ``phivlm.generate`` (tower + prefill + greedy decode with a KV cache) against
    ``LlavaForConditionalGeneration.generate``, greedy, the same prompt, image and number of new tokens;
 6. memory — per contender: tensors held (models, optimizer state) + the RSS peak of one call above the RSS
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .inference import features_figure, generation_figure
+from .inference import demo_features_figure, features_figure, generation_figure
 from .env import BenchConfig, Env
 from .training import training_figure
 
@@ -95,6 +96,8 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
                 res[fig] = training_figure(env, int(fig[-1]))
             elif fig == "features":
                 res[fig] = features_figure(env)
+            elif fig == "demo_features":
+                res[fig] = demo_features_figure(env)
             else:
                 res[fig] = generation_figure(env)
             env.probe()

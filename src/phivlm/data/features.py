@@ -143,7 +143,7 @@ def _current_stamps(image_dir: str | Path, names: list[str]) -> dict[str, list[i
 
 def build_features(tower: VisionTower, image_dir: str | Path, names: list[str], root: str | Path,
                    batch_size: int = 64, workers: int = 0, shard_size: int = 1024,
-                   device: torch.device | str = "cpu", precision: str = "bf16", rank: int = 0,
+                   device: torch.device | str = "cpu", precision: str = "auto", rank: int = 0,
                    world: int = 1) -> tuple[FeatureStore, list[dict]]:
     """Encode every image in ``names`` not yet cached; returns the store and the skipped (bad) images.
 
