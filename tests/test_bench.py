@@ -23,7 +23,8 @@ FIGURES = {
 TRAINING = ["step_s", "step_cpu_s", "samples_per_s", "tokens_per_s", "flops_per_step", "forward_flops_per_step",
             "backward_flops_per_step", "achieved_gflops", "mfu", "mfu_vs_adjacent_probe", "trainable_params"]
 PER_CONTENDER = {"stage1": TRAINING, "stage2": TRAINING, "features": ["images_per_s"],
-                 "demo_features": ["images_per_s"], "generation": ["total_s", "ttft_s", "tokens_per_s", "end_to_end_tokens_per_s"]}
+                 "demo_features": ["images_per_s"],
+                 "generation": ["total_s", "ttft_s", "tokens_per_s", "end_to_end_tokens_per_s"]}
 
 
 def positive(x) -> bool:
