@@ -63,6 +63,9 @@ def test_host_report_names_precision_and_estimate(monkeypatch):
     assert "precision: fp32 (the CPU has no native bf16)" in text
     assert f"~{p.ref_fp32_s * demo.REF_GFLOPS['fp32'] / 100.0 / 60:.0f} min" in text
     assert "threads" in text and "capability" in text
+    assert "phivlm demo --tiny" in text  # a long fp32 run points to the quick check
+    monkeypatch.setattr(demo, "matmul_gflops", lambda precision: 10_000.0)
+    assert "--tiny" not in demo.host_report(p)
 
 
 def test_estimates_scale_with_the_probe_of_the_precision_run():
