@@ -27,7 +27,7 @@ def features_figure(env: Env) -> dict:
 
 
 def demo_features_figure(env: Env) -> dict:
-    """``build_features`` with the demo's tower (``env.demo_tower``: its image size, tiles, pooling and feature
+    """``build_features`` with the demo's tower (``demo_tower``: its image size, tiles, pooling and feature
     layer) against that model's bare forward, every layer, on the same preprocessed tiles."""
     from transformers import AutoModel
 
