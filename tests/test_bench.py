@@ -88,11 +88,3 @@ def test_table_renders(quick):
     assert text.count("\n") >= 15 and "stage 2 (LoRA): samples/s" in text and "nan" not in text
     assert "feature caching, demo tower (tiny-dinov2, 56 px, 2×2 tiles): images/s" in text
 
-
-def test_demo_tower_is_the_demos_default():
-    from phivlm.bench.env import demo_tower
-    from phivlm.demo import PRESETS
-
-    p, t = PRESETS["default"], demo_tower(quick=False)
-    assert (t["name"], t["feature_layer"], t["image_size"], t["image_tokens"], t["tiles"]) == (
-        p.vision, p.feature_layer, p.image_size, p.image_tokens, p.image_tiles)

@@ -2,6 +2,7 @@
 (with the shuffled-image baseline) -> report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, stage_defaults
+from .config import ModelConfig, RunConfig, stage_defaults
 from .data.synth import synthesize
 from .evaluate.run import MAX_NEW_TOKENS, evaluate
 from .models.lm import load_tokenizer
@@ -80,12 +81,18 @@ PRESETS = {
 }
 
 
+def model_config(preset: str) -> ModelConfig:
+    """The model ``preset`` trains: tower, image layout, LM (the rest as ``phivlm pretrain`` has it)."""
+    p = PRESETS[preset]
+    return dataclasses.replace(stage_defaults("pretrain").model, vision=p.vision, lm=p.lm,
+                               feature_layer=p.feature_layer, image_size=p.image_size, image_tokens=p.image_tokens,
+                               image_tiles=p.image_tiles, tile_markers=p.tile_markers, slot_embedding=p.slot_embedding)
+
+
 def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunConfig]:
     p = PRESETS[preset]
     s1 = stage_defaults("pretrain")
-    s1.model.vision, s1.model.lm, s1.model.feature_layer = p.vision, p.lm, p.feature_layer
-    s1.model.image_size, s1.model.image_tokens, s1.model.image_tiles = p.image_size, p.image_tokens, p.image_tiles
-    s1.model.tile_markers, s1.model.slot_embedding = p.tile_markers, p.slot_embedding
+    s1.model = model_config(preset)
     s1.data.data, s1.data.images = data["captions_train"], data["images"]
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch

@@ -21,16 +21,15 @@ PRESETS = {
 }
 
 
-def demo_tower(quick: bool) -> dict:
-    """``VisionTower`` settings of the tower ``phivlm demo`` trains on (its default preset), whose feature caching
-    the ``demo_features`` figure measures; a tiny DINOv2 with registers, tiled the same way, for ``--quick``."""
-    if quick:
-        return dict(name="tiny-dinov2", feature_layer=-2, image_size=56, image_tokens=4, tiles=2)
-    from ..demo import PRESETS
+def demo_tower(quick: bool):
+    """The ``ModelConfig`` of ``phivlm demo``'s default preset, whose tower's feature caching the ``demo_features``
+    figure measures; for ``--quick``, a tiny DINOv2 with registers, tiled the same way."""
+    from ..config import ModelConfig
+    from ..demo import model_config
 
-    p = PRESETS["default"]
-    return dict(name=p.vision, feature_layer=p.feature_layer, image_size=p.image_size, image_tokens=p.image_tokens,
-                tiles=p.image_tiles)
+    if quick:
+        return ModelConfig(vision="tiny-dinov2", feature_layer=-2, image_size=56, image_tokens=4, image_tiles=2)
+    return model_config("default")
 
 
 @dataclass
@@ -95,7 +94,7 @@ class Env:
         names = sorted(p.name for p in Path(self.images).iterdir())
         self.image_names = names
         self.store, _ = build_features(self.tower, self.images, names, work / "features",
-                                       batch_size=cfg.feature_batch, precision="auto")
+                                       batch_size=cfg.feature_batch)
         self.peak = MatmulPeak(cfg.matmul_n, cfg.matmul_s)
         self.loads: list[float] = [os.getloadavg()[0]]
 

@@ -32,14 +32,13 @@ def demo_features_figure(env: Env) -> dict:
     from transformers import AutoModel
 
     from ..models import builtin
-    from ..models.vision import VisionTower
+    from ..models.vision import build_tower
 
-    spec = demo_tower(env.cfg.quick)
-    tower = VisionTower(spec["name"], spec["feature_layer"], image_size=spec["image_size"],
-                        image_tokens=spec["image_tokens"], tiles=spec["tiles"])
-    bare = AutoModel.from_pretrained(builtin.resolve(spec["name"]), dtype=torch.float32, use_safetensors=True).eval()
-    out = _feature_caching(env, tower, bare, "demo_features")
-    out["tower"] = spec
+    m = demo_tower(env.cfg.quick)
+    bare = AutoModel.from_pretrained(builtin.resolve(m.vision), dtype=torch.float32, use_safetensors=True).eval()
+    out = _feature_caching(env, build_tower(m), bare, "demo_features")
+    out["tower"] = {"name": m.vision, "feature_layer": m.feature_layer, "image_size": m.image_size,
+                    "image_tokens": m.image_tokens, "tiles": m.image_tiles}
     return out
 
 
@@ -56,7 +55,7 @@ def _feature_caching(env: Env, tower, bare, figure: str) -> dict:
     def phivlm_features(r: int) -> None:
         root = env.work / f"bench-{figure}-{len(roots)}"
         roots.append(root)
-        build_features(tower, env.images, names, root, batch_size=cfg.feature_batch, precision="auto")
+        build_features(tower, env.images, names, root, batch_size=cfg.feature_batch)  # precision auto
 
     @torch.no_grad()
     def bare_forward(r: int) -> None:
