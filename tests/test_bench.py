@@ -87,4 +87,18 @@ def test_table_renders(quick):
     text = table(quick)
     assert text.count("\n") >= 15 and "stage 2 (LoRA): samples/s" in text and "nan" not in text
     assert "feature caching, demo tower (tiny-dinov2, 56 px, 2×2 tiles): images/s" in text
+    assert "stage 1 (LM frozen): first loss" in text and "compiled" not in text  # eager unless --compile
 
+
+def test_compiled_training_steps_report_eager_losses(tmp_path):
+    """``--compile``: phivlm's steps run compiled (timed after compiling), with the compiled loss of a batch
+    checked against eager's at the same weights, and a table row for it."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--compile", "--figures", "stage1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    c = res["stage1"]["compiled"]
+    assert positive(c["compile_s"]) and positive(c["loss"])
+    assert c["loss_abs_diff"] < 0.05 * c["eager_loss"], c  # bf16 rounding only
+    from phivlm.bench import table
+
+    assert "stage 1 (LM frozen): compiled (--compile)" in table(res)

@@ -86,3 +86,25 @@ def test_presets_run_the_pretrained_tower_in_the_hosts_precision():
     assert s1.train.precision == "auto"
     assert (s1.model.image_size, s1.model.image_tokens, s1.model.feature_layer) == (
         p.image_size, p.image_tokens, p.feature_layer)
+
+
+def test_the_demo_compiles_where_the_host_can_and_says_so(monkeypatch):
+    from phivlm import demo
+
+    data = {k: "x" for k in ("captions_train", "instruct_train", "images")}
+    monkeypatch.setattr(demo, "matmul_gflops", lambda precision: 100.0)
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "cpu_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(demo, "choose_precision", lambda p, d: ("bf16", "the CPU has AVX512-BF16"))
+    s1, s2 = stage_configs(Path("/tmp/x"), data, "default")
+    assert PRESETS["default"].compile and s1.train.compile and s2.train.compile
+    assert "training: the LM's layers compiled" in demo.host_report(PRESETS["default"])
+    assert not stage_configs(Path("/tmp/x"), data, "tiny")[0].train.compile  # seconds: compiling would dominate
+    monkeypatch.setattr(demo, "cpu_compiler", lambda: None)  # no C++ compiler: the same recipe, uncompiled
+    s1, s2 = stage_configs(Path("/tmp/x"), data, "default")
+    assert not s1.train.compile and not s2.train.compile
+    assert "training: uncompiled (no C++ compiler" in demo.host_report(PRESETS["default"])
+    monkeypatch.setattr(demo, "cpu_compiler", lambda: "/usr/bin/g++")  # fp32: matmul-bound, compiling does not pay
+    monkeypatch.setattr(demo, "choose_precision", lambda p, d: ("fp32", "the CPU has no native bf16"))
+    assert not stage_configs(Path("/tmp/x"), data, "default")[0].train.compile
+    assert "training: uncompiled (fp32 steps are matmul-bound" in demo.host_report(PRESETS["default"])

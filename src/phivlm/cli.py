@@ -163,6 +163,8 @@ def add_demo_and_bench(sub) -> None:
                                             "must have no bias (the Llava reference has none)")
     s.add_argument("--workdir", default="", help="keep the synthetic data and caches here (default: a temp folder)")
     s.add_argument("--profile", default="", help="also write torch.profiler tables of one step of each contender here")
+    s.add_argument("--compile", action="store_true", help="phivlm's training steps with --compile, as `phivlm "
+                                                          "pretrain --compile` runs them (compiled before timing)")
     s.set_defaults(func=c.cmd_bench)
 
 

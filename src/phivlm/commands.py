@@ -215,7 +215,8 @@ def cmd_bench(args) -> int:
 
     cfg = BenchConfig(quick=args.quick, vision=args.vision, lm=args.lm, batch_size=args.batch_size,
                       batches=args.batches, rounds=args.rounds, images=args.images, new_tokens=args.new_tokens,
-                      threads=args.threads, figures=args.figures, workdir=args.workdir, profile=args.profile)
+                      threads=args.threads, figures=args.figures, workdir=args.workdir, profile=args.profile,
+                      compile=args.compile)
     res = run_bench(cfg, args.out)
     print(summary(res))
     if args.out:

@@ -49,6 +49,7 @@ class BenchConfig:
     figures: str = ",".join(FIGURES)
     workdir: str = ""  # kept if given; else a temporary folder, removed afterwards
     profile: str = ""  # folder for torch.profiler tables of one step of each contender
+    compile: bool = False  # phivlm's training steps with the LM's decoder layers compiled (``train --compile``)
     seed: int = 0
 
     def resolved(self) -> "BenchConfig":

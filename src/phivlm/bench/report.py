@@ -41,6 +41,11 @@ def table(res: dict) -> str:
         rows.append(f"| {title}: achieved GFLOP/s, MFU | {p['achieved_gflops']:.0f}, **{100 * p['mfu']:.1f}%** | "
                     f"{r['achieved_gflops']:.0f}, {100 * r['mfu']:.1f}% | | "
                     f"{goal('stage2_mfu') if fig == 'stage2' else ''} |")
+        rows.append(f"| {title}: first loss (same batch, same weights) | {s['first_loss']['phivlm']:.4f} | "
+                    f"{s['first_loss']['reference']:.4f} | |Δ| {s['loss_abs_diff']:.4f} | |")
+        if c := s.get("compiled"):
+            rows.append(f"| {title}: compiled (--compile): compiling s; loss compiled / eager | "
+                        f"{c['compile_s']:.0f}; {c['loss']:.4f} / {c['eager_loss']:.4f} | | | |")
         rows.append(_memory_row(title, p, r, ratio=True))
     if "features" in res:
         s = res["features"]

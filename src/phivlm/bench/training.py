@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 
 import torch
 
@@ -102,13 +103,15 @@ def training_figure(env: Env, stage: int) -> dict:
             flops[name].append(count)
             checks[name].append((count.dense, fc))
             first_loss.setdefault(name, loss)
+    compiled = _compile(env, vlm, phivlm_step, items[0]) if cfg.compile else None
     mem = {name: memory(lambda: fn(0), model, opt) for name, (fn, model, opt) in steps.items()}
     log.info("stage %d: %d interleaved rounds", stage, cfg.rounds)
     timing = interleave({name: s[0] for name, s in steps.items()}, cfg.rounds, between=env.probe)
     prof = profile_calls(env, f"stage{stage}", {name: (lambda fn=fn: fn(0)) for name, (fn, _, _) in steps.items()})
 
     out = {"batch_size": cfg.batch_size, "tokens_per_batch": tokens, "labelled_tokens_per_batch": labels,
-           "first_loss": first_loss, "loss_abs_diff": abs(first_loss["phivlm"] - first_loss["reference"])}
+           "first_loss": first_loss, "loss_abs_diff": abs(first_loss["phivlm"] - first_loss["reference"]),
+           "compiled": compiled}
     for name in steps:
         out[name] = _training_result(timing[name], flops[name], checks[name], tokens, cfg.batch_size, env)
         out[name]["memory"] = mem[name]
@@ -120,6 +123,26 @@ def training_figure(env: Env, stage: int) -> dict:
     del vlm, ref, opt_p, opt_r
     measure._trim()
     return out
+
+
+def _compile(env: Env, vlm, step, items: list) -> dict:
+    """``--compile`` as ``train`` does it (after the FLOPs were counted eagerly: the counters see no compiled
+    kernels): the compiling passes over every batch, timed, and the compiled loss of a batch against eager's at
+    the same weights (``force_eager``), the check that compiling changed no result beyond bf16 rounding."""
+    from ..data.dataset import Collator
+    from ..train.compiling import compile_layers
+
+    compile_layers(vlm.base_lm, torch.device("cpu"))
+    t0 = time.perf_counter()
+    for k in range(env.cfg.batches):
+        step(k)
+    seconds = time.perf_counter() - t0
+    batch = Collator(env.store, env.tok.pad_token_id)(items)
+    with env.autocast():
+        loss = vlm(**batch).item()
+        with torch.compiler.set_stance("force_eager"):
+            eager = vlm(**batch).item()
+    return {"compile_s": seconds, "loss": loss, "eager_loss": eager, "loss_abs_diff": abs(loss - eager)}
 
 
 def _training_result(t: Timing, flops: list, checks: list, tokens: list[int], bsz: int, env: Env) -> dict:

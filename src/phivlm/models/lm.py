@@ -36,6 +36,13 @@ def attention_for(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
+def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LM's repeated blocks: modules of the classes its ``_no_split_modules`` names (e.g. LlamaDecoderLayer);
+    empty where it names none."""
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    return [m for m in lm.modules() if type(m).__name__ in names]
+
+
 def load_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
             quantization_config=None, device_map=None, attention: str | None = None) -> PreTrainedModel:
     """``attention``: the ``attn_implementation`` (None: the model's default)."""

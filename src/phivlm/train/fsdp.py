@@ -20,22 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import PhivlmError
+from ..models.lm import decoder_layers
 
 log = logging.getLogger(__name__)
 
 # --fsdp mode (config.FSDP_MODES but none; RunConfig.validate refuses what FSDP cannot train) ->
 # reshard_after_forward of the decoder layers
 RESHARD = {"full": True, "grad-op": False}
-
-
-def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The LM's repeated blocks: modules of the classes its ``_no_split_modules`` names (e.g. LlamaDecoderLayer)."""
-    names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers:
-        raise PhivlmError(f"--fsdp: cannot find the decoder layers of {type(lm).__name__} "
-                          "(its _no_split_modules names none)")
-    return layers
 
 
 def shard(root: nn.Module, lm: nn.Module, mode: str, device: torch.device) -> None:
@@ -47,6 +38,9 @@ def shard(root: nn.Module, lm: nn.Module, mode: str, device: torch.device) -> No
     reshard = RESHARD[mode]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = decoder_layers(lm)
+    if not layers:
+        raise PhivlmError(f"--fsdp: cannot find the decoder layers of {type(lm).__name__} "
+                          "(its _no_split_modules names none)")
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     # the root's parameters are needed again as soon as backward starts: FSDP keeps them gathered (None)

@@ -27,6 +27,7 @@ from ..runtime import autocast, compute_dtype, pick_device, seed_everything
 from . import distributed, state
 from .distributed import Dist
 from .checkpoint import save_checkpoint
+from .compiling import compile_layers
 from .objectives import build_objective
 from .runlog import RunLog
 from .sampler import StepBatches
@@ -279,6 +280,8 @@ def train(cfg: RunConfig, init: Path | None = None) -> Path:
                           t.group_by_length)
     steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
     vlm.prepare_training(compute_dtype(device, t.precision) if strategy.holds_frozen_weights else None)
+    if t.compile:
+        compile_layers(vlm.base_lm, device)
     model = strategy.wrap(_Step(vlm, objective))
     update = _Update(vlm, cfg, steps, strategy, device)
     start = 0 if resume is None else state.restore(resume, update.opt, update.sched,
