@@ -81,6 +81,17 @@ def test_compile_refuses_unchecked_combinations(change):
         cfg.validate()
 
 
+def test_a_run_resumes_with_or_without_compile():
+    from phivlm.train.state import fingerprint
+
+    cfg = RunConfig()
+    before = fingerprint(cfg, None)
+    cfg.train.compile = True  # how the steps run, not what they compute
+    assert fingerprint(cfg, None) == before
+    cfg.train.lr *= 2
+    assert fingerprint(cfg, None) != before
+
+
 def test_training_with_compile_logs_eager_losses(synth_data, tiny_config, train_run, tmp_path):
     """The real command path: ``train`` with ``compile`` on logs the losses of the same run without it."""
     features = tmp_path / "features"

@@ -73,7 +73,7 @@ PRESETS = {
     # slot embedding. LoRA from stage 1 on: with the LM frozen in stage 1, the same recipe read one-object scenes
     # only (53% overall); tile tokens alone, without LoRA in stage 1, or LoRA in stage 1 on whole-image tokens,
     # each scored 43-53%. 300 stage-2 steps, paid for by compiling: with 220, the compiled run's stage 2 ended at
-    # loss 0.048 (colour 91%, position 86% in three-object scenes); 300 from the same stage 1 scored 99.8%
+    # loss 0.048 (colour 91%, position 86%, wrong in three-object scenes); 300 from the same stage 1 scored 99.8%
     "default": Preset("dinov2-small", "smollm2-135m", 126, 9, -6, 2000, s1_steps=180, s1_lr=5e-3, s2_steps=300,
                       s2_lr=1e-3, lm_tuning="lora", image_tiles=3, tile_markers="after", slot_embedding=True,
                       s1_lora_lr=1e-3, s1_schedule="constant", compile=True, ref_s=960, ref_fp32_s=2110),

@@ -25,7 +25,7 @@ RUN_FILE = "run.json"  # the fingerprint of the run a periodic checkpoint belong
 # how it splits the global batch over processes and micro-batches, shards and recomputes
 MAY_CHANGE = {"train.output", "train.resume", "train.save_every", "train.keep_last", "train.log_every",
               "train.eval_every", "train.workers", "train.device", "train.batch_size", "train.grad_accum",
-              "train.fsdp", "tuning.gradient_checkpointing"}
+              "train.fsdp", "train.compile", "tuning.gradient_checkpointing"}
 
 
 def fingerprint(cfg, init: Path | None, world: int = 1) -> dict[str, str]:
