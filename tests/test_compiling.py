@@ -32,6 +32,11 @@ def _padded_batch(rows: int, length: int, seed: int) -> dict:
             "image_features": torch.randn(rows, 4, 8, generator=g)}
 
 
+def _compiled(module) -> bool:
+    """Whether ``module.compile()`` wrapped its forward (torch keeps the compiled call here)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 def _loss_and_grads(vlm, batch) -> tuple[torch.Tensor, dict]:
     vlm.zero_grad(set_to_none=True)
     loss = vlm(**batch)  # fp32: the comparison is of the fusion, not of bf16 rounding
@@ -44,6 +49,8 @@ def test_compiled_layers_give_eager_loss_and_gradients_at_every_shape():
     eager.prepare_training(None)
     compiled = copy.deepcopy(eager)
     assert compile_layers(compiled.base_lm, CPU) == compiled.base_lm.config.num_hidden_layers
+    assert all(_compiled(layer) for layer in compiled.base_lm.model.layers)
+    assert not any(_compiled(layer) for layer in eager.base_lm.model.layers)
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their format
     for batch in (_padded_batch(3, 14, 1), _padded_batch(2, 21, 2)):  # a new shape: dynamic, not a wrong reuse
         loss_a, grads_a = _loss_and_grads(eager, batch)
@@ -100,6 +107,7 @@ def test_training_with_compile_logs_eager_losses(synth_data, tiny_config, train_
         cfg = tiny_config(tmp_path / f"compile-{flag}", synth_data["captions_train"], synth_data["images"],
                           features, lm="tiny-llama", compile=flag)
         run = train_run(cfg)
+        assert all(_compiled(layer) for layer in run.vlm.base_lm.model.layers) == flag  # the flag reaches train()
         log = (run.ckpt.parent / "log.jsonl").read_text().splitlines()
         runs[flag] = [r["loss"] for r in map(json.loads, log) if "loss" in r]
     assert len(runs[True]) == 3

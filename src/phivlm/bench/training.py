@@ -103,7 +103,7 @@ def training_figure(env: Env, stage: int) -> dict:
             flops[name].append(count)
             checks[name].append((count.dense, fc))
             first_loss.setdefault(name, loss)
-    compiled = _compile(env, vlm, phivlm_step, items[0]) if cfg.compile else None
+    compiled = _compile(env, vlm, phivlm_step, collator(items[0])) if cfg.compile else None
     mem = {name: memory(lambda: fn(0), model, opt) for name, (fn, model, opt) in steps.items()}
     log.info("stage %d: %d interleaved rounds", stage, cfg.rounds)
     timing = interleave({name: s[0] for name, s in steps.items()}, cfg.rounds, between=env.probe)
@@ -125,11 +125,10 @@ def training_figure(env: Env, stage: int) -> dict:
     return out
 
 
-def _compile(env: Env, vlm, step, items: list) -> dict:
+def _compile(env: Env, vlm, step, batch: dict) -> dict:
     """``--compile`` as ``train`` does it (after the FLOPs were counted eagerly: the counters see no compiled
     kernels): the compiling passes over every batch, timed, and the compiled loss of a batch against eager's at
     the same weights (``force_eager``), the check that compiling changed no result beyond bf16 rounding."""
-    from ..data.dataset import Collator
     from ..train.compiling import compile_layers
 
     compile_layers(vlm.base_lm, torch.device("cpu"))
@@ -137,7 +136,6 @@ def _compile(env: Env, vlm, step, items: list) -> dict:
     for k in range(env.cfg.batches):
         step(k)
     seconds = time.perf_counter() - t0
-    batch = Collator(env.store, env.tok.pad_token_id)(items)
     with env.autocast():
         loss = vlm(**batch).item()
         with torch.compiler.set_stance("force_eager"):
