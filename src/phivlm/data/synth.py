@@ -45,6 +45,10 @@ _QUESTIONS: dict[str, tuple[str, ...]] = {
     "position": ("Where is the {color} {shape}?", "Where is the {color} {shape} located?",
                  "In which part of the image is the {color} {shape}?"),
 }  # fmt: skip
+# how often a conversation asks each kind of question about an object: "what shape is the <colour> object?" is
+# the one a model learns last (in three-object scenes it answers another object's shape: 91-93% on two of three
+# demo seeds with equal weights, 97% with these; colour and position stayed at 98-100%)
+_OBJECT_QUESTIONS: dict[str, int] = {"color": 1, "shape": 2, "position": 1}
 
 
 @dataclass
@@ -142,8 +146,8 @@ def qa_pairs(objs: list[Obj], rng: random.Random) -> list[dict[str, str]]:
 
 def _pick(objs: list[Obj], k: int, rng: random.Random) -> list[dict[str, str]]:
     """Up to k questions no other turn answers: at most one per object (each question names its object by
-    another attribute, so a second one would give the first one's answer away) and the count with p >= 0.5,
-    in random order (a fixed first question would teach its answer type for every first turn); never only
+    another attribute, so a second one would give the first one's answer away; its kind drawn with
+    ``_OBJECT_QUESTIONS``'s weights) and the count with p >= 0.5, in random order (a fixed first question would teach its answer type for every first turn); never only
     position questions.
 
     A conversation that gives answers away teaches copying from the text, which single questions
@@ -152,7 +156,8 @@ def _pick(objs: list[Obj], k: int, rng: random.Random) -> list[dict[str, str]]:
     k = min(k, len(objs) + 1)
     count = k > len(objs) or rng.random() < 0.5
     about = rng.sample(objs, k - count)
-    chosen = [_ask(rng.choice(("color", "shape", "position")), o, rng) for o in about]
+    kinds, weights = list(_OBJECT_QUESTIONS), list(_OBJECT_QUESTIONS.values())
+    chosen = [_ask(rng.choices(kinds, weights)[0], o, rng) for o in about]
     if chosen and all(p["type"] == "position" for p in chosen):
         chosen[-1] = _ask(rng.choice(("color", "shape")), about[-1], rng)
     if count:
