@@ -4,8 +4,7 @@ PEFT puts an ``nn.Dropout`` on the input of every adapted Linear: 210 masks per 
 ``bernoulli_`` costs ~15 ns per element (one 32-bit draw and a float compare each): 28% of a stage-2 LoRA step
 on the Intel bench host. Here one 64-bit draw gives three 16-bit uniforms (the low 48 bits; the top 16 hold
 only 15 random bits), a third of the RNG work, compared as integers. The keep probability is rounded to a
-multiple of 1/65536 (for p = 0.05: 0.050003). CUDA tensors and compiled code keep ``F.dropout`` (a fused
-kernel there).
+multiple of 1/65536 (for p = 0.05: 0.050003). CUDA tensors keep ``F.dropout`` (a fused kernel there).
 """
 from __future__ import annotations
 
@@ -37,9 +36,7 @@ class FastDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        # inside torch.compile (``--compile``), inductor draws the mask in the kernel that applies it; ``random_``
-        # would break the layer's graph at every adapter (7 breaks per decoder layer)
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
         return x * (keep_mask(x.shape, self.p).to(x.dtype) * (1.0 / (1.0 - self.p)))
 
