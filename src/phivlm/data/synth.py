@@ -147,8 +147,8 @@ def qa_pairs(objs: list[Obj], rng: random.Random) -> list[dict[str, str]]:
 def _pick(objs: list[Obj], k: int, rng: random.Random) -> list[dict[str, str]]:
     """Up to k questions no other turn answers: at most one per object (each question names its object by
     another attribute, so a second one would give the first one's answer away; its kind drawn with
-    ``_OBJECT_QUESTIONS``'s weights) and the count with p >= 0.5, in random order (a fixed first question would teach its answer type for every first turn); never only
-    position questions.
+    ``_OBJECT_QUESTIONS``'s weights) and the count with p >= 0.5, in random order (a fixed first question
+    would teach its answer type for every first turn); never only position questions.
 
     A conversation that gives answers away teaches copying from the text, which single questions
     (``phivlm eval``) cannot use: every answer here needs the image (a count asked after questions about
