@@ -47,7 +47,7 @@ _QUESTIONS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 # how often a conversation asks each kind of question about an object: "what shape is the <colour> object?" is
 # the one a model learns last (in three-object scenes it answers another object's shape). Demo, seeds 0-2: shape
-# 99.2/93.4/91.0% with equal weights, 98.4/95.1/96.7% with these; colour >= 97.5%, position >= 95.9% with both
+# 99.2/93.4/91.0% with equal weights, 98.4/95.1/96.7% with these; with these colour >= 97.5%, position >= 95.9%
 _OBJECT_QUESTIONS: dict[str, int] = {"color": 1, "shape": 2, "position": 1}
 
 
