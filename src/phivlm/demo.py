@@ -93,15 +93,18 @@ def model_config(preset: str) -> ModelConfig:
                                image_tiles=p.image_tiles, tile_markers=p.tile_markers, slot_embedding=p.slot_embedding)
 
 
-def compiles(preset: Preset) -> bool:
-    """Whether the demo compiles the LM's layers here: where the preset asks, on a GPU, or on a CPU that trains
-    in bf16 and has a C++ compiler. In fp32 a CPU step is matmul-bound: compiled 1.04x faster (demo stage 1,
-    ATen and oneDNN held to AVX2), less than the ~45 s each stage spends compiling."""
+def compile_choice(preset: Preset) -> tuple[bool, str]:
+    """Whether the demo compiles the LM's layers here, and why: where the preset asks, on a GPU, or on a CPU that
+    trains in bf16 and has a C++ compiler. In fp32 a CPU step is matmul-bound: compiled 1.04x faster (demo stage
+    1, ATen and oneDNN held to AVX2), less than the ~45 s each stage spends compiling."""
     if not preset.compile:
-        return False
-    if torch.cuda.is_available():
-        return True
-    return cpu_compiler() is not None and choose_precision("auto", torch.device("cpu"))[0] == "bf16"
+        return False, "uncompiled"
+    if not torch.cuda.is_available():
+        if choose_precision("auto", torch.device("cpu"))[0] != "bf16":
+            return False, "uncompiled (fp32 steps are matmul-bound: compiling would not pay for itself)"
+        if cpu_compiler() is None:
+            return False, "uncompiled (no C++ compiler found for torch.compile: install g++ for ~1.3x faster steps)"
+    return True, "the LM's layers compiled (torch.compile, ~40 s at the start of each stage)"
 
 
 def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunConfig]:
@@ -111,7 +114,7 @@ def stage_configs(out: Path, data: dict, preset: str) -> tuple[RunConfig, RunCon
     s1.data.data, s1.data.images = data["captions_train"], data["images"]
     s1.data.features = str(out / "features")
     s1.train.output, s1.train.max_steps, s1.train.batch_size = str(out / "stage1"), p.s1_steps, p.batch
-    s1.train.lr, s1.train.lr_schedule, s1.train.compile = p.s1_lr, p.s1_schedule, compiles(p)
+    s1.train.lr, s1.train.lr_schedule, s1.train.compile = p.s1_lr, p.s1_schedule, compile_choice(p)[0]
     if p.s1_lora_lr:
         s1.tuning.lm_tuning, s1.tuning.lora_dropout, s1.train.lm_lr = "lora", p.lora_dropout, p.s1_lora_lr
     s2 = RunConfig.from_dict(s1.to_dict())
@@ -165,21 +168,11 @@ def host_report(preset: Preset) -> str:
     est = estimated_s(preset, precision, gflops)
     text = (f"host: {cpu}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; {torch.get_num_threads()} "
             f"threads\nprecision: {precision} ({why}); matmul probe {gflops:.0f} GFLOP/s\n"
-            f"training: {_compiling(preset)}\nestimated time: ~{est / 60:.0f} min")
+            f"training: {compile_choice(preset)[1]}\nestimated time: ~{est / 60:.0f} min")
     if precision == "fp32" and est > SLOW_S:
         text += ("\nwithout native bf16 every step runs in fp32; `phivlm demo --tiny` runs the same pipeline on tiny "
                  "models in about a minute")
     return text
-
-
-def _compiling(preset: Preset) -> str:
-    if compiles(preset):
-        return "the LM's layers compiled (torch.compile, ~40 s at the start of each stage)"
-    if not preset.compile:
-        return "uncompiled"
-    if choose_precision("auto", torch.device("cpu"))[0] != "bf16":
-        return "uncompiled (fp32 steps are matmul-bound: compiling would not pay for itself)"
-    return "uncompiled (no C++ compiler found for torch.compile: install g++ for ~1.3x faster steps)"
 
 
 def estimated_s(preset: Preset, precision: str, gflops: float) -> float:

@@ -36,11 +36,15 @@ def attention_for(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
-def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(lm: torch.nn.Module, flag: str) -> list[torch.nn.Module]:
     """The LM's repeated blocks: modules of the classes its ``_no_split_modules`` names (e.g. LlamaDecoderLayer);
-    empty where it names none."""
+    a one-line error naming ``flag`` (the option that needs them) where it names none."""
     names = set(getattr(lm, "_no_split_modules", None) or ())
-    return [m for m in lm.modules() if type(m).__name__ in names]
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise PhivlmError(f"{flag}: cannot find the decoder layers of {type(lm).__name__} (its _no_split_modules "
+                          f"names none); train without {flag}")
+    return layers
 
 
 def load_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,

@@ -36,10 +36,7 @@ def compile_layers(lm: nn.Module, device: torch.device, which=shutil.which) -> i
     if device.type == "cpu" and cpu_compiler(which) is None:
         raise PhivlmError("--compile on the CPU needs a C++ compiler (g++ or clang++; or set CXX): install one "
                           "or train without --compile")
-    layers = decoder_layers(lm)
-    if not layers:
-        raise PhivlmError(f"--compile: cannot find the decoder layers of {type(lm).__name__} (its "
-                          "_no_split_modules names none); train without --compile")
+    layers = decoder_layers(lm, "--compile")
     for layer in layers:
         layer.compile(dynamic=True)
     log.info("--compile: %d decoder layers of %s, compiled during the first steps", len(layers), type(lm).__name__)

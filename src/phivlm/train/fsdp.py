@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import PhivlmError
 from ..models.lm import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -37,10 +36,7 @@ def shard(root: nn.Module, lm: nn.Module, mode: str, device: torch.device) -> No
 
     reshard = RESHARD[mode]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    layers = decoder_layers(lm)
-    if not layers:
-        raise PhivlmError(f"--fsdp: cannot find the decoder layers of {type(lm).__name__} "
-                          "(its _no_split_modules names none)")
+    layers = decoder_layers(lm, "--fsdp")
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     # the root's parameters are needed again as soon as backward starts: FSDP keeps them gathered (None)
